@@ -1,0 +1,146 @@
+"""Command line: parse arguments, load a config, call one pipeline function.
+
+Errors caused by the user's input (:class:`ReadingRaceError`) are printed as one clear message,
+without a traceback, and the command exits with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+
+from readingrace.errors import ConfigError, ReadingRaceError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="readingrace: do imaging models read race, sex or age? Reproduce the 'Reading Race' study.")
+
+DataRoot = Annotated[Optional[Path], typer.Option("--data-root", help="folder holding the source's files")]
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: runs/<name>)")]
+Sets = Annotated[Optional[list[str]], typer.Option("--set", help="override a config key: --set train.max_epochs=3")]
+
+
+def _overrides(sets: list[str] | None) -> dict:
+    from readingrace.config import set_dotted
+
+    out: dict = {}
+    for item in sets or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. --set train.max_epochs=3")
+        key, value = item.split("=", 1)
+        set_dotted(out, key.strip(), yaml.safe_load(value))
+    return out
+
+
+def _say(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+@app.command()
+def run(config: Annotated[Path, typer.Argument(help="experiment YAML")], data_root: DataRoot = None,
+        out: Out = None, force: Annotated[bool, typer.Option(help="redo a finished run in the same folder")] = False,
+        set_: Sets = None, progress: Annotated[bool, typer.Option(help="show a progress bar")] = False) -> None:
+    """Train and evaluate one experiment: cohort -> split -> cache -> train -> evaluate -> report."""
+    from readingrace.config import load_config
+    from readingrace.experiments.run import run_experiment
+
+    cfg = load_config(config, overrides=_overrides(set_))
+    metrics = run_experiment(cfg, out=out, data_root=data_root, force=force, progress=progress, say=_say)
+    _print_summary(metrics)
+
+
+@app.command()
+def demo(out: Out = None, force: Annotated[bool, typer.Option(help="redo a finished run")] = False,
+         set_: Sets = None) -> None:
+    """Run the embedded default: a generated cohort (3 groups, planted texture signal)."""
+    from readingrace.config import load_config
+    from readingrace.experiments.run import run_experiment
+
+    path = resources.files("readingrace") / "configs" / "demo.yaml"
+    with resources.as_file(path) as p:
+        cfg = load_config(p, overrides=_overrides(set_))
+    metrics = run_experiment(cfg, out=out or Path("runs") / "demo", force=force, say=_say)
+    _print_summary(metrics)
+
+
+@app.command()
+def cohort(config: Annotated[Path, typer.Argument(help="experiment or cohort YAML")], data_root: DataRoot = None,
+           out: Out = None, set_: Sets = None) -> None:
+    """Build the cohort table and its manifest (no images decoded)."""
+    from readingrace.cohort.build import build_cohort
+    from readingrace.config import load_config
+    from readingrace.experiments.rundir import RunLock, write_atomic
+
+    cfg = load_config(config, overrides=_overrides(set_))
+    out_dir = out or Path("runs") / cfg.name / "cohort"
+    with RunLock(out_dir):
+        table, manifest = build_cohort(cfg.cohort, data_root=data_root)
+        write_atomic(out_dir / "cohort.csv", table.to_csv(index=False))
+        manifest.write(out_dir / "manifest.json")
+    _say(manifest.flow_table().to_string(index=False))
+    _say(f"{len(table)} images of {table['patient_id'].nunique()} patients -> {out_dir}")
+
+
+@app.command()
+def evaluate(predictions: Annotated[Path, typer.Argument(help="predictions.csv or a run folder")],
+             out: Out = None,
+             strata: Annotated[Optional[list[str]], typer.Option("--stratum", help="column to stratify by (repeatable)")] = None,
+             study_level: Annotated[bool, typer.Option(help="also aggregate to studies (mean probability)")] = False,
+             n_bootstrap: Annotated[int, typer.Option(help="bootstrap replicates")] = 1000,
+             val_predictions: Annotated[Optional[Path], typer.Option(help="validation predictions: choose thresholds there")] = None,
+             compare: Annotated[Optional[Path], typer.Option(help="second predictions file: paired comparison")] = None,
+             overwrite: Annotated[bool, typer.Option(help="replace an existing metrics.json")] = False) -> None:
+    """Metrics with patient-clustered bootstrap and DeLong CIs for any predictions file."""
+    from readingrace.evaluate import evaluate_file
+
+    src = predictions if predictions.is_file() else predictions / "predictions.csv"
+    out_dir = out or (src.parent / "evaluation")
+    metrics = evaluate_file(src, out_dir=out_dir, n_bootstrap=n_bootstrap, strata=tuple(strata or ()),
+                            study_level=study_level, val_predictions=val_predictions, compare=compare,
+                            overwrite=overwrite)
+    _print_summary(metrics)
+    _say(f"wrote {out_dir / 'metrics.json'}")
+
+
+def _print_summary(metrics: dict) -> None:
+    from readingrace.report.markdown import fmt_ci
+
+    lines = [f"macro AUC {fmt_ci(metrics.get('macro_auc'), metrics.get('macro_auc_ci'))}"]
+    for cls, m in metrics.get("per_class", {}).items():
+        lines.append(f"  {cls}: AUC {fmt_ci(m.get('auc'), m.get('auc_ci'))}")
+    ref = metrics.get("reference")
+    if ref:
+        lines.append(f"reference ({ref.get('name')}): macro AUC {fmt_ci(ref.get('macro_auc'), ref.get('macro_auc_ci'))}")
+    typer.echo("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning the project's errors into one-line messages."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        app(args=argv, standalone_mode=False)
+    except ReadingRaceError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        typer.echo("interrupted; rerun the same command to resume", err=True)
+        return 130
+    except typer.Abort:
+        return 1
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Build a cohort: run the source, then the generic steps (target, conflicts, prevalence, views).
+
+Source-specific rules live in the source modules; the steps here are the same for every source and
+each is recorded in the manifest with images and patients before and after.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from readingrace.cohort.manifest import Manifest
+from readingrace.cohort.schema import age_group, bmi_group, conform, validate_cohort
+from readingrace.cohort.sources import get_loader
+from readingrace.config import CohortConfig
+from readingrace.errors import CohortError
+
+#: Targets that may legitimately differ between images of one patient (kept per image).
+PER_IMAGE_TARGETS = {"age_group", "age", "bmi_group", "bmi", "view", "density"}
+
+
+def add_derived_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Add ``age_group`` and ``bmi_group`` (half-open bins) from ``age`` and ``bmi``."""
+    return df.assign(age_group=age_group(df["age"]), bmi_group=bmi_group(df["bmi"]))
+
+
+def exclude_conflicting(df: pd.DataFrame, column: str, manifest: Manifest, *, step: str | None = None) -> pd.DataFrame:
+    """Drop every image of patients whose non-missing ``column`` takes more than one value."""
+    n_values = df.groupby("patient_id", sort=False)[column].nunique(dropna=True)
+    bad = n_values.index[n_values > 1]
+    out = df[~df["patient_id"].isin(bad)]
+    manifest.step(step or f"patients with one {column}", df, out,
+                  detail=f"{len(bad)} patients whose {column} differs between records excluded")
+    return out
+
+
+def prevalence_filter(df: pd.DataFrame, target: str, min_prevalence: float, manifest: Manifest) -> pd.DataFrame:
+    """Keep classes whose prevalence among patients (first image) is above ``min_prevalence``."""
+    first = df.drop_duplicates("patient_id")[target]
+    share = first.value_counts(normalize=True)
+    dropped = share[share <= min_prevalence]
+    out = df[~df[target].isin(dropped.index)]
+    detail = (f"classes at or below {min_prevalence:.1%} of patients dropped: "
+              + (", ".join(f"{k} ({v:.2%})" for k, v in dropped.items()) if len(dropped) else "none"))
+    manifest.step(f"{target} prevalence > {min_prevalence:.0%}", df, out, detail=detail)
+    return out
+
+
+def build_cohort(cfg: CohortConfig, *, data_root: str | Path | None = None) -> tuple[pd.DataFrame, Manifest]:
+    """Cohort table (one row per image, no split yet) and its manifest."""
+    t0 = time.perf_counter()
+    root = Path(data_root or cfg.data_root or ".").resolve()
+    manifest = Manifest(source=cfg.source)
+    df = conform(get_loader(cfg.source)(dict(cfg.options), root, manifest))
+    df = add_derived_columns(df)
+    if cfg.views:
+        views = [v.upper() for v in cfg.views]
+        df = manifest.step(f"view in {views}", df, df[df["view"].astype(str).str.upper().isin(views)])
+    target = cfg.target
+    if target not in df.columns:
+        raise CohortError(f"target {target!r} is not a cohort column; available: {sorted(df.columns)}")
+    df = manifest.step(f"{target} recorded", df, df[df[target].notna() & (df[target].astype(str) != "unknown")],
+                       detail=f"images without a {target} value dropped")
+    if target not in PER_IMAGE_TARGETS:
+        df = exclude_conflicting(df, target, manifest)
+    df = prevalence_filter(df, target, cfg.min_prevalence, manifest)
+    if cfg.max_images is not None and len(df) > cfg.max_images:
+        patients = df["patient_id"].drop_duplicates().to_numpy()
+        rng = np.random.default_rng(2021)
+        rng.shuffle(patients)
+        n_images = df.groupby("patient_id").size().loc[patients].cumsum()
+        keep = set(n_images.index[n_images <= cfg.max_images])
+        df = manifest.step(f"at most {cfg.max_images} images (random patients)", df, df[df["patient_id"].isin(keep)])
+    classes = sorted(df[target].astype(str).unique())
+    if len(classes) < 2:
+        raise CohortError(
+            f"target {target!r} has {len(classes)} class(es) left after the filters ({classes}); "
+            "a classifier needs at least two: check the source and the filters in the manifest"
+        )
+    df = df.assign(**{target: df[target].astype(str)}).reset_index(drop=True)
+    validate_cohort(df)
+    manifest.counts.update({
+        "images": len(df), "patients": int(df["patient_id"].nunique()),
+        "classes": {c: int(n) for c, n in df[target].value_counts().sort_index().items()},
+        "seconds": round(time.perf_counter() - t0, 2),
+    })
+    return df, manifest

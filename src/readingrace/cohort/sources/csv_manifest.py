@@ -1,0 +1,91 @@
+"""A generic CSV manifest over image files: one row per image with ``path``, ``patient_id`` and attributes.
+
+Options: ``csv`` (the file, relative to the data root), ``columns`` (our name -> the CSV's name, e.g.
+``{patient_id: MRN, race: Race}``), ``race_table`` (race mapping table, default ``generic``),
+``image_root`` (folder the paths are relative to; default the CSV's folder). Paths that do not exist,
+or that escape the image root (``../``), are recorded as skips.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from readingrace.cohort.manifest import Manifest
+from readingrace.cohort.schema import REQUIRED_COLUMNS, conform
+from readingrace.errors import CohortError, ConfigError
+
+OPTIONS = {"csv", "columns", "race_table", "image_root", "dataset"}
+
+
+def load(options: dict[str, Any], data_root: Path, manifest: Manifest) -> pd.DataFrame:
+    unknown = set(options) - OPTIONS
+    if unknown:
+        raise ConfigError(f"cohort.options: unknown key {sorted(unknown)[0]!r} for source 'csv'; allowed: {sorted(OPTIONS)}")
+    if "csv" not in options:
+        raise ConfigError("cohort.options.csv: name the CSV manifest (path, patient_id, attribute columns)")
+    root = Path(data_root)
+    csv_path = Path(options["csv"])
+    csv_path = csv_path if csv_path.is_absolute() else root / csv_path
+    if not csv_path.is_file():
+        raise CohortError(f"CSV manifest not found: {csv_path}")
+    manifest.add_input(csv_path)
+    try:
+        raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_values=[""])
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise CohortError(f"{csv_path}: cannot parse as CSV: {exc}") from None
+    mapping = dict(options.get("columns") or {})
+    bad_keys = set(mapping) - set(REQUIRED_COLUMNS) - {"image_id"}
+    if bad_keys:
+        raise ConfigError(f"cohort.options.columns: {sorted(bad_keys)[0]!r} is not a cohort column; "
+                          f"map any of {list(REQUIRED_COLUMNS)}")
+    rename = {src: dst for dst, src in mapping.items()}
+    missing_src = [src for src in rename if src not in raw.columns]
+    if missing_src:
+        raise CohortError(f"{csv_path.name}: column {missing_src[0]!r} named in cohort.options.columns is not in the file; "
+                          f"columns are {list(raw.columns)}")
+    df = raw.rename(columns=rename)
+    for col in ("path", "patient_id"):
+        if col not in df.columns:
+            raise CohortError(f"{csv_path.name}: required column {col!r} is missing (columns: {list(raw.columns)}); "
+                              "add it or map it with cohort.options.columns")
+    empty = df["path"].isna() | df["patient_id"].isna()
+    if empty.any():
+        row = int(empty.idxmax()) + 2
+        raise CohortError(f"{csv_path.name} row {row}: empty path or patient_id ({int(empty.sum())} rows); fill or remove them")
+    if "image_id" not in df.columns:
+        df["image_id"] = df["path"]
+    dup = df["image_id"].duplicated(keep=False)
+    if dup.any():
+        row = int(dup.idxmax()) + 2
+        raise CohortError(f"{csv_path.name} row {row}: image id {df.loc[dup, 'image_id'].iloc[0]!r} appears "
+                          f"{int(dup.sum())} times; each image must be listed once")
+    if "race" in df.columns:
+        from readingrace.cohort.race import harmonise
+
+        table = options.get("race_table", "generic")
+        df["race_raw"] = df["race"]
+        df["race"], unknown_strings = harmonise(df["race"], table)
+        if unknown_strings:
+            manifest.warn(f"race strings not in table {table!r} (set to unknown): {unknown_strings}")
+    image_root = Path(options["image_root"]) if options.get("image_root") else csv_path.parent
+    image_root = (image_root if image_root.is_absolute() else root / image_root).resolve()
+    resolved = []
+    for i, p in enumerate(df["path"]):
+        full = (image_root / p).resolve()
+        if not full.is_relative_to(image_root):
+            manifest.skip(p, f"path escapes the image root: row {i + 2} of {csv_path.name}")
+            resolved.append(None)
+        elif not full.is_file():
+            manifest.skip(p, f"missing file: row {i + 2} of {csv_path.name}")
+            resolved.append(None)
+        else:
+            resolved.append(str(full))
+    before = df
+    df = df.assign(path=resolved)
+    df = df[df["path"].notna()]
+    manifest.step("image file present", before, df,
+                  detail=f"{len(before) - len(df)} rows skipped (missing file or path outside the image root)")
+    return conform(df, dataset=options.get("dataset", csv_path.stem))

@@ -1,0 +1,268 @@
+"""Typed, validated experiment configs: YAML in, dataclasses out, clear errors for bad keys.
+
+A config may ``extends:`` another YAML file (path relative to itself); mappings merge recursively,
+the child winning. Unknown keys and wrong types raise :class:`ConfigError` naming the key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from readingrace.errors import ConfigError
+
+
+@dataclass
+class CohortConfig:
+    """Who is in the study and what is predicted."""
+
+    source: str = "synthetic"
+    options: dict[str, Any] = field(default_factory=dict)
+    data_root: str | None = None
+    target: str = "race"
+    min_prevalence: float = 0.01
+    views: list[str] | None = None
+    max_images: int | None = None
+
+
+@dataclass
+class SplitConfig:
+    ratios: list[float] = field(default_factory=lambda: [0.6, 0.1, 0.3])
+    seed: int = 2021
+
+
+@dataclass
+class ImageConfig:
+    size: int = 64
+    mode: str = "stretch"
+    bit_depth: int | None = None
+    cache_dtype: str = "float32"
+    cache_dir: str | None = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    weights: str | None = None
+
+
+@dataclass
+class AugmentConfig:
+    flip: bool = True
+    rotate: float = 15.0
+    zoom: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    max_epochs: int = 40
+    lr: float = 1e-3
+    lr_factor: float = 0.1
+    lr_patience: int = 2
+    early_stopping_patience: int = 5
+    seeds: list[int] = field(default_factory=lambda: [2021])
+    precision: str = "bf16"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    num_threads: int | None = None
+
+
+@dataclass
+class EvaluateConfig:
+    n_bootstrap: int = 1000
+    level: float = 0.95
+    threshold: float = 0.5
+    strata: list[str] = field(default_factory=list)
+    study_level: bool = False
+    reference: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment: cohort -> split -> images -> model -> train -> evaluate -> report."""
+
+    name: str = "experiment"
+    description: str = ""
+    cohort: CohortConfig = field(default_factory=CohortConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    out: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, *, exclude: tuple[str, ...] = ("name", "description", "out")) -> str:
+        """Hash of everything that changes results (not the name or output folder)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+SIZES_OK = ("stretch", "pad")
+PRECISIONS = ("32", "bf16")
+
+
+def _check(cfg: ExperimentConfig) -> ExperimentConfig:
+    from readingrace.split import check_ratios
+
+    from readingrace.errors import SplitError
+
+    try:
+        check_ratios(cfg.split.ratios)
+    except SplitError as exc:
+        raise ConfigError(f"split.ratios: {exc}") from None
+    if cfg.image.mode not in SIZES_OK:
+        raise ConfigError(f"image.mode must be one of {list(SIZES_OK)}, got {cfg.image.mode!r}")
+    if cfg.image.size < 4:
+        raise ConfigError(f"image.size must be >= 4, got {cfg.image.size}")
+    if cfg.image.cache_dtype not in ("float32", "float16"):
+        raise ConfigError(f"image.cache_dtype must be float32 or float16, got {cfg.image.cache_dtype!r}")
+    if cfg.train.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {list(PRECISIONS)}, got {cfg.train.precision!r}")
+    if not cfg.train.seeds:
+        raise ConfigError("train.seeds must list at least one seed")
+    for key, value in (("train.batch_size", cfg.train.batch_size), ("train.max_epochs", cfg.train.max_epochs)):
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if not 0 <= cfg.cohort.min_prevalence < 0.5:
+        raise ConfigError(f"cohort.min_prevalence must be in [0, 0.5), got {cfg.cohort.min_prevalence}")
+    if not 0 < cfg.evaluate.level < 1:
+        raise ConfigError(f"evaluate.level must be in (0, 1), got {cfg.evaluate.level}")
+    return cfg
+
+
+# -- generic dict -> dataclass with strict checking ---------------------------------------------
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown config key '{where}{unknown[0]}'; allowed keys here: {sorted(names)}"
+        )
+    kwargs = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    return value
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Safe-load a YAML config, resolving ``extends`` (relative to the file) recursively."""
+    p = Path(path).resolve()
+    if p in _seen:
+        raise ConfigError(f"{path}: 'extends' loops back to itself")
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+    parent = data.pop("extends", None)
+    if parent:
+        data = deep_merge(read_yaml(p.parent / parent, _seen + (p,)), data)
+    return data
+
+
+def load_config(path: str | Path | None = None, *, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read, merge and validate an experiment config."""
+    data = read_yaml(path) if path else {}
+    if overrides:
+        data = deep_merge(data, overrides)
+    try:
+        cfg = from_dict(ExperimentConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    return _check(cfg)
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    return _check(from_dict(ExperimentConfig, data))
+
+
+def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """``set_dotted(d, "train.max_epochs", 3)`` on a nested dict (returns d)."""
+    node = d
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return d

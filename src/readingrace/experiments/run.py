@@ -1,0 +1,222 @@
+"""The main job: cohort -> split -> image cache -> train (per seed) -> predict -> evaluate -> report.
+
+Every stage writes its output into the run folder, so the run can be traced and resumed:
+``config.yaml`` (resolved, with its fingerprint), ``cohort.csv`` (with the split), ``manifest.json``,
+``seed-<s>/`` (checkpoints, logs, ``predictions.csv``, ``metrics.json``), the reference model's
+predictions, and the top-level ``predictions.csv``, ``metrics.json`` and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from readingrace import __version__
+from readingrace.cohort.build import build_cohort
+from readingrace.cohort.manifest import Manifest
+from readingrace.config import ExperimentConfig
+from readingrace.errors import CohortError, RunError, SplitError
+from readingrace.experiments.rundir import RunLock, clean_nan, write_atomic, write_json
+from readingrace.split import check_no_leakage, split_patients, split_sizes
+
+log = logging.getLogger("readingrace")
+
+#: Files a run writes; ``--force`` removes exactly these, nothing else in the folder.
+RUN_OUTPUTS = ("cohort.csv", "manifest.json", "predictions.csv", "metrics.json", "report.md", "roc.png",
+               "curves.png", "reference_predictions.csv")
+
+
+def cache_root(cfg: ExperimentConfig) -> Path:
+    """Where preprocessed images (and generated cohorts) are kept, shared by all runs."""
+    if cfg.image.cache_dir:
+        return Path(cfg.image.cache_dir)
+    return Path(os.environ.get("READINGRACE_CACHE", Path.home() / ".cache" / "readingrace"))
+
+
+def default_run_dir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.out) if cfg.out else Path("runs") / cfg.name
+
+
+@dataclass
+class Prepared:
+    """A cohort ready for training: the table (with split), its manifest and the cached images."""
+
+    cohort: pd.DataFrame
+    manifest: Manifest
+    images: np.ndarray
+    classes: list[str]
+    labels: np.ndarray
+
+    def index(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.cohort["split"].to_numpy() == split)
+
+
+def prepare(cfg: ExperimentConfig, *, data_root: str | Path | None, say: Callable[[str], None] = print) -> Prepared:
+    """Build the cohort, decode and cache its images once, drop unreadable ones, split by patient."""
+    from readingrace.imaging.cache import build_cache
+
+    root = data_root or cfg.cohort.data_root
+    if root is None and cfg.cohort.source == "synthetic":
+        root = cache_root(cfg) / "synthetic"
+    if root is None:
+        raise CohortError(f"cohort source {cfg.cohort.source!r} needs a data folder: pass --data-root or set cohort.data_root")
+    if not Path(root).exists() and cfg.cohort.source != "synthetic":
+        raise CohortError(f"data folder not found: {root}")
+    cohort, manifest = build_cohort(cfg.cohort, data_root=root)
+    say(f"cohort: {len(cohort)} images of {cohort['patient_id'].nunique()} patients")
+    t0 = time.perf_counter()
+    cache = build_cache(cohort["path"].tolist(), size=cfg.image.size, cache_root=cache_root(cfg) / "images",
+                        mode=cfg.image.mode, dtype=cfg.image.cache_dtype, bit_depth=cfg.image.bit_depth)
+    manifest.counts["cache"] = {"key": cache.key, "seconds": round(time.perf_counter() - t0, 2)}
+    for i, reason in sorted(cache.reasons.items()):
+        manifest.skip(cohort["path"].iloc[i], reason, stage="image")
+    ok = np.asarray(cache.ok, dtype=bool)
+    position = np.arange(len(cohort))
+    before = cohort
+    cohort = cohort[ok].copy()
+    cohort["cache_index"] = position[ok]
+    manifest.step("image decodes", before, cohort, detail=f"{int((~ok).sum())} unreadable or constant images skipped")
+    target = cfg.cohort.target
+    classes = sorted(cohort[target].unique())
+    if len(classes) < 2:
+        raise CohortError(f"after dropping unreadable images, {target!r} has one class ({classes}); nothing to classify")
+    cohort["split"] = split_patients(cohort, target=target, ratios=cfg.split.ratios, seed=cfg.split.seed)
+    check_no_leakage(cohort)
+    for split in ("train", "val", "test")[: len(cfg.split.ratios)]:
+        present = set(cohort.loc[cohort["split"] == split, target])
+        absent = [c for c in classes if c not in present]
+        if split == "train" and absent:
+            raise SplitError(f"class(es) {absent} of {target!r} have no image in the training split; "
+                             "collect more patients of that class or drop it")
+        if absent:
+            manifest.warn(f"class(es) {absent} absent from the {split} split: their AUC is undefined (NaN)")
+    manifest.counts["splits"] = split_sizes(cohort, target=target).to_dict("records")
+    labels = cohort[target].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    return Prepared(cohort=cohort.reset_index(drop=True), manifest=manifest, images=cache.images,
+                    classes=classes, labels=labels)
+
+
+def _check_run_dir(run_dir: Path, cfg: ExperimentConfig, force: bool) -> dict | None:
+    """Existing results for the same config (or None); refuse to mix configs in one folder."""
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        return None
+    old = yaml.safe_load(cfg_path.read_text()) or {}
+    same = old.get("fingerprint") == cfg.fingerprint()
+    if force:
+        for name in RUN_OUTPUTS:
+            (run_dir / name).unlink(missing_ok=True)
+        for seed_dir in run_dir.glob("seed-*"):
+            shutil.rmtree(seed_dir)
+        return None
+    if not same:
+        raise RunError(f"{run_dir} holds a run of a different config (fingerprint {old.get('fingerprint')}, "
+                       f"this one {cfg.fingerprint()}); use --out for a new folder or --force to replace it")
+    metrics = run_dir / "metrics.json"
+    return json.loads(metrics.read_text()) if metrics.exists() else None
+
+
+def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data_root: str | Path | None = None,
+                   force: bool = False, progress: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume, or report) one experiment; returns its metrics dict."""
+    from readingrace.predict import predict_proba, predictions_table
+    from readingrace.reference import fit_predict_reference
+    from readingrace.report.markdown import write_run_report
+    from readingrace.stats.metrics import evaluate_predictions
+    from readingrace.train import load_classifier, train_model
+
+    run_dir = Path(out) if out else default_run_dir(cfg)
+    t_start = time.perf_counter()
+    with RunLock(run_dir):
+        existing = _check_run_dir(run_dir, cfg, force)
+        if existing is not None:
+            say(f"results already in {run_dir} (use --force to redo)")
+            return existing
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(
+            {"fingerprint": cfg.fingerprint(), "readingrace": __version__, **cfg.to_dict()}, sort_keys=False))
+        prep = prepare(cfg, data_root=data_root, say=say)
+        target, classes = cfg.cohort.target, prep.classes
+        cohort = prep.cohort
+        write_atomic(run_dir / "cohort.csv", cohort.to_csv(index=False))
+        prep.manifest.write(run_dir / "manifest.json")
+        tr, va, te = prep.index("train"), prep.index("val"), prep.index("test")
+        if len(te) == 0:
+            raise SplitError("the test split is empty: use larger ratios or more patients")
+        cache_idx = cohort["cache_index"].to_numpy()
+        strata = [s for s in cfg.evaluate.strata if s in cohort.columns]
+        missing_strata = sorted(set(cfg.evaluate.strata) - set(strata))
+        if missing_strata:
+            raise CohortError(f"evaluate.strata {missing_strata} are not cohort columns")
+        eval_kw = dict(classes=classes, n_bootstrap=cfg.evaluate.n_bootstrap, seed=cfg.split.seed,
+                       level=cfg.evaluate.level, threshold=cfg.evaluate.threshold, strata=strata,
+                       study_level=cfg.evaluate.study_level)
+        test_rows = cohort.iloc[te]
+        per_seed: dict[str, Any] = {}
+        first_pred = None
+        for seed in cfg.train.seeds:
+            seed_dir = run_dir / f"seed-{seed}"
+            say(f"training {cfg.model.name} (seed {seed}, {len(tr)} train / {len(va)} val images, "
+                f"{cfg.image.size} px)")
+            result = train_model(images=prep.images, labels=_labels_for(prep), train_index=cache_idx[tr],
+                                 val_index=cache_idx[va], n_classes=len(classes), arch=cfg.model.name,
+                                 cfg=cfg.train, seed=seed, out_dir=seed_dir, weights=cfg.model.weights,
+                                 progress=progress)
+            model = load_classifier(seed_dir / result.best_checkpoint)
+            probs = predict_proba(model, prep.images, cache_idx[te], batch_size=max(cfg.train.batch_size, 64))
+            pred = predictions_table(test_rows, probs, classes, target=target, extra=strata)
+            write_atomic(seed_dir / "predictions.csv", pred.to_csv(index=False))
+            m = evaluate_predictions(pred, **eval_kw)
+            m["training"] = {"epochs": result.epochs, "best_val_loss": result.best_val_loss,
+                             "seconds": result.seconds, "resumed_from_epoch": result.resumed_from_epoch}
+            write_json(seed_dir / "metrics.json", clean_nan(m))
+            per_seed[str(seed)] = m
+            if first_pred is None:
+                first_pred = pred
+            say(f"seed {seed}: test macro AUC {m['macro_auc']:.3f} "
+                f"[{m['macro_auc_ci'][0]:.3f}, {m['macro_auc_ci'][1]:.3f}] ({result.epochs} epochs, {result.seconds:.0f} s)")
+        metrics = dict(per_seed[str(cfg.train.seeds[0])])
+        write_atomic(run_dir / "predictions.csv", first_pred.to_csv(index=False))
+        aucs = [per_seed[s]["macro_auc"] for s in per_seed]
+        metrics["seeds"] = {s: {"macro_auc": v["macro_auc"], "macro_auc_ci": v["macro_auc_ci"],
+                                "per_class_auc": {c: v["per_class"][c]["auc"] for c in classes},
+                                "training": v["training"]} for s, v in per_seed.items()}
+        metrics["seed_summary"] = {"n": len(aucs), "macro_auc_mean": float(np.nanmean(aucs)),
+                                   "macro_auc_min": float(np.nanmin(aucs)), "macro_auc_max": float(np.nanmax(aucs)),
+                                   "reported_seed": cfg.train.seeds[0]}
+        if cfg.evaluate.reference:
+            say("reference: logistic regression on 32x32 thumbnails")
+            ref_probs, details = fit_predict_reference(
+                prep.images, _labels_for(prep), train_index=cache_idx[tr], val_index=cache_idx[va],
+                test_index=cache_idx[te], n_classes=len(classes))
+            ref_pred = predictions_table(test_rows, ref_probs, classes, target=target, extra=strata)
+            write_atomic(run_dir / "reference_predictions.csv", ref_pred.to_csv(index=False))
+            metrics["reference"] = {**details, **evaluate_predictions(ref_pred, **eval_kw)}
+        metrics.update({
+            "target": target, "model": cfg.model.name, "image_size": cfg.image.size,
+            "run": {"name": cfg.name, "fingerprint": cfg.fingerprint(), "readingrace": __version__,
+                    "seconds": round(time.perf_counter() - t_start, 1)},
+        })
+        metrics = clean_nan(metrics)
+        write_json(run_dir / "metrics.json", metrics)
+        write_run_report(run_dir, cfg=cfg, cohort=cohort, manifest=prep.manifest, metrics=metrics)
+        say(f"wrote {run_dir / 'report.md'}")
+        return metrics
+
+
+def _labels_for(prep: Prepared) -> np.ndarray:
+    """Labels indexed by cache position (the training data selects images by cache index)."""
+    n = int(prep.cohort["cache_index"].max()) + 1
+    out = np.full(n, -1, dtype=np.int64)
+    out[prep.cohort["cache_index"].to_numpy()] = prep.labels
+    return out

@@ -1,0 +1,221 @@
+"""Training on PyTorch Lightning: the paper's recipe with seeded, resumable epochs.
+
+Recipe (SPEC "Training recipe"): random horizontal flip, rotation +-15 degrees, zoom +-10%; Adam;
+cross-entropy; learning rate x0.1 after ``lr_patience`` epochs without validation-loss improvement;
+early stopping keeping the best checkpoint by validation loss. Checkpoints at every epoch end
+(``last.ckpt``) let a repeated command resume from the last completed epoch. The shuffling order
+and the augmentation are derived from (seed, epoch) and (seed, step), so a resumed run sees the
+same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from readingrace.config import AugmentConfig, TrainConfig
+from readingrace.models import build_model
+
+#: Intensity normalisation applied inside the model, after any perturbation in [0, 1] space
+#: (grey-level mean and std of ImageNet, for compatibility with ImageNet-pretrained weights).
+INPUT_MEAN, INPUT_STD = 0.449, 0.226
+
+
+# -- data ---------------------------------------------------------------------------------------
+class ArrayImages(Dataset):
+    """Images (N, S, S) in [0, 1] (a numpy array or memmap) with integer labels, selected by index."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, index: np.ndarray | None = None):
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.index = np.arange(len(self.labels)) if index is None else np.asarray(index)
+        if len(self.index) != len(self.labels):
+            raise ValueError("labels must align with the selected images")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = torch.from_numpy(np.asarray(self.images[self.index[i]], dtype=np.float32))
+        return img.unsqueeze(0), torch.tensor(self.labels[i])
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation that depends only on (seed, epoch); Lightning calls ``set_epoch``."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def make_loader(data: ArrayImages, *, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    sampler = EpochSampler(len(data), seed) if shuffle else None
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=0)
+
+
+# -- augmentation -------------------------------------------------------------------------------
+def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random flip, rotation (+-cfg.rotate degrees) and zoom (+-cfg.zoom) of (N, 1, H, W)."""
+    n = x.shape[0]
+    if not (cfg.flip or cfg.rotate or cfg.zoom):
+        return x
+    u = torch.rand(n, 3, generator=generator)
+    angle = (u[:, 0] * 2 - 1) * math.radians(cfg.rotate)
+    scale = 1 + (u[:, 1] * 2 - 1) * cfg.zoom          # >1 zooms in
+    flip = torch.where(u[:, 2] < 0.5, -1.0, 1.0) if cfg.flip else torch.ones(n)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin
+    theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
+    theta = theta.to(device=x.device, dtype=x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+# -- the Lightning module -----------------------------------------------------------------------
+class ImageClassifier(L.LightningModule):
+    """A network from :mod:`readingrace.models` trained with cross-entropy."""
+
+    def __init__(self, arch: str, n_classes: int, *, lr: float = 1e-3, lr_factor: float = 0.1,
+                 lr_patience: int = 2, augment: dict | None = None, seed: int = 2021,
+                 weights: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = build_model(arch, n_classes, weights=weights)
+        self.augment = AugmentConfig(**(augment or {}))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - INPUT_MEAN) / INPUT_STD)
+
+    def training_step(self, batch, batch_idx):  # noqa: D102
+        x, y = batch
+        g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        x = augment_batch(x, self.augment, g)
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch, batch_idx):  # noqa: D102
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.float(), y)
+        acc = (logits.argmax(1) == y).float().mean()
+        self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        self.log("val_acc", acc, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+
+    def configure_optimizers(self):  # noqa: D102
+        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=self.hparams.lr_factor, patience=self.hparams.lr_patience)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
+
+
+@dataclass
+class TrainResult:
+    best_checkpoint: str
+    best_val_loss: float
+    epochs: int
+    seconds: float
+    resumed_from_epoch: int | None = None
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+
+def quiet_lightning() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*isinstance.*treespec.*")
+
+
+def train_model(
+    *, images: np.ndarray, labels: np.ndarray, train_index: np.ndarray, val_index: np.ndarray,
+    n_classes: int, arch: str, cfg: TrainConfig, seed: int, out_dir: Path,
+    weights: str | None = None, progress: bool = False,
+) -> TrainResult:
+    """Train one model (one seed) into ``out_dir``; resume from ``out_dir/checkpoints/last.ckpt``."""
+    quiet_lightning()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = out_dir / "train_result.json"
+    if done.exists():
+        return TrainResult(**json.loads(done.read_text()))
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    L.seed_everything(seed, workers=True, verbose=False)
+    t0 = time.perf_counter()
+    train_data = ArrayImages(images, labels[train_index], train_index)
+    val_data = ArrayImages(images, labels[val_index], val_index)
+    model = ImageClassifier(arch, n_classes, lr=cfg.lr, lr_factor=cfg.lr_factor, lr_patience=cfg.lr_patience,
+                            augment=asdict(cfg.augment), seed=seed, weights=weights)
+    ckpt_dir = out_dir / "checkpoints"
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1, save_last=True)
+    early = L.pytorch.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=cfg.early_stopping_patience)
+    logger = L.pytorch.loggers.CSVLogger(save_dir=str(out_dir), name="", version="logs")
+    trainer = L.Trainer(
+        max_epochs=cfg.max_epochs, accelerator="auto", devices=1,
+        precision="bf16-mixed" if cfg.precision == "bf16" else "32-true",
+        callbacks=[checkpoint, early], logger=logger, enable_progress_bar=progress,
+        enable_model_summary=False, deterministic=False, log_every_n_steps=1, num_sanity_val_steps=0,
+    )
+    last = ckpt_dir / "last.ckpt"
+    resumed = None
+    if last.exists():
+        resumed = int(torch.load(last, map_location="cpu", weights_only=False)["epoch"]) + 1
+    trainer.fit(model, make_loader(train_data, batch_size=cfg.batch_size, shuffle=True, seed=seed),
+                make_loader(val_data, batch_size=cfg.batch_size, shuffle=False),
+                ckpt_path=str(last) if last.exists() else None)
+    result = TrainResult(
+        best_checkpoint=str(Path(checkpoint.best_model_path).relative_to(out_dir)),
+        best_val_loss=float(checkpoint.best_model_score), epochs=int(trainer.current_epoch),
+        seconds=round(time.perf_counter() - t0, 1), resumed_from_epoch=resumed,
+    )
+    result.write(done)
+    return result
+
+
+def load_classifier(checkpoint: str | Path) -> ImageClassifier:
+    """The trained model from a checkpoint written by :func:`train_model` (eval mode)."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    hp = dict(ckpt["hyper_parameters"])
+    hp["weights"] = None
+    model = ImageClassifier(**hp)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def history(out_dir: Path) -> pd.DataFrame:
+    """Per-epoch training curves from the CSV log (one row per epoch)."""
+    path = out_dir / "logs" / "metrics.csv"
+    if not path.exists():
+        return pd.DataFrame()
+    df = pd.read_csv(path)
+    return df.groupby("epoch").mean(numeric_only=True).reset_index() if "epoch" in df else df
+
+
+def default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
