@@ -38,3 +38,7 @@ class LeakageError(SplitError):
 
 class RunError(ReadingRaceError):
     """A run folder is locked, read-only, full, or holds results of a different config."""
+
+
+class CacheError(ReadingRaceError):
+    """A cache folder is corrupt or incomplete (delete it; it is rebuilt from the source files)."""
