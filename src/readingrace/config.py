@@ -70,7 +70,7 @@ class TrainConfig:
     lr_patience: int = 2
     early_stopping_patience: int = 5
     seeds: list[int] = field(default_factory=lambda: [2021])
-    precision: str = "bf16"
+    precision: str = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     num_threads: int | None = None
 
@@ -109,7 +109,7 @@ class ExperimentConfig:
 
 
 SIZES_OK = ("stretch", "pad")
-PRECISIONS = ("32", "bf16")
+PRECISIONS = ("auto", "32", "bf16")
 
 
 def _check(cfg: ExperimentConfig) -> ExperimentConfig:

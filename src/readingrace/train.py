@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -49,7 +48,7 @@ class ArrayImages(Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img = torch.from_numpy(np.asarray(self.images[self.index[i]], dtype=np.float32))
+        img = torch.from_numpy(np.array(self.images[self.index[i]], dtype=np.float32))
         return img.unsqueeze(0), torch.tensor(self.labels[i])
 
 
@@ -178,7 +177,7 @@ def train_model(
     logger = L.pytorch.loggers.CSVLogger(save_dir=str(out_dir), name="", version="logs")
     trainer = L.Trainer(
         max_epochs=cfg.max_epochs, accelerator="auto", devices=1,
-        precision="bf16-mixed" if cfg.precision == "bf16" else "32-true",
+        precision="bf16-mixed" if use_bf16(cfg.precision) else "32-true",
         callbacks=[checkpoint, early], logger=logger, enable_progress_bar=progress,
         enable_model_summary=False, deterministic=False, log_every_n_steps=1, num_sanity_val_steps=0,
     )
@@ -217,5 +216,22 @@ def history(out_dir: Path) -> pd.DataFrame:
     return df.groupby("epoch").mean(numeric_only=True).reset_index() if "epoch" in df else df
 
 
-def default_threads() -> int:
-    return max(1, os.cpu_count() or 1)
+def use_bf16(precision: str) -> bool:
+    """Whether to train with bf16 autocast: "auto" uses it only where it is fast.
+
+    bf16 autocast helps on CUDA and on CPUs with native bf16 instructions (AVX512-BF16, AMX); on
+    CPUs without them (e.g. AVX2 only) it is emulated and several times slower than fp32.
+    """
+    if precision != "auto":
+        return precision == "bf16"
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_native_bf16()
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
