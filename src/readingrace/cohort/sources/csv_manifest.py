@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from readingrace.cohort.manifest import Manifest
@@ -47,6 +48,7 @@ def load(options: dict[str, Any], data_root: Path, manifest: Manifest) -> pd.Dat
         raise CohortError(f"{csv_path.name}: column {missing_src[0]!r} named in cohort.options.columns is not in the file; "
                           f"columns are {list(raw.columns)}")
     df = raw.rename(columns=rename)
+    df["source_row"] = np.arange(len(df)) + 2   # the CSV's line number (header is line 1)
     for col in ("path", "patient_id"):
         if col not in df.columns:
             raise CohortError(f"{csv_path.name}: required column {col!r} is missing (columns: {list(raw.columns)}); "
@@ -57,29 +59,27 @@ def load(options: dict[str, Any], data_root: Path, manifest: Manifest) -> pd.Dat
         raise CohortError(f"{csv_path.name} row {row}: empty path or patient_id ({int(empty.sum())} rows); fill or remove them")
     if "image_id" not in df.columns:
         df["image_id"] = df["path"]
-    dup = df["image_id"].duplicated(keep=False)
-    if dup.any():
-        row = int(dup.idxmax()) + 2
-        raise CohortError(f"{csv_path.name} row {row}: image id {df.loc[dup, 'image_id'].iloc[0]!r} appears "
-                          f"{int(dup.sum())} times; each image must be listed once")
+    repeat = df["image_id"].duplicated(keep="first")
+    if repeat.any():
+        row = int(repeat.idxmax())
+        image_id = df.loc[row, "image_id"]
+        raise CohortError(f"{csv_path.name} row {row + 2}: image id {image_id!r} appears "
+                          f"{int((df['image_id'] == image_id).sum())} times; each image must be listed once")
     if "race" in df.columns:
-        from readingrace.cohort.race import harmonise
+        from readingrace.cohort.race import apply_race
 
-        table = options.get("race_table", "generic")
-        df["race_raw"] = df["race"]
-        df["race"], unknown_strings = harmonise(df["race"], table)
-        if unknown_strings:
-            manifest.warn(f"race strings not in table {table!r} (set to unknown): {unknown_strings}")
+        df = apply_race(df.rename(columns={"race": "race_raw"}), manifest, raw_col="race_raw",
+                        table=options.get("race_table", "generic"))
     image_root = Path(options["image_root"]) if options.get("image_root") else csv_path.parent
     image_root = (image_root if image_root.is_absolute() else root / image_root).resolve()
     resolved = []
-    for i, p in enumerate(df["path"]):
+    for row, p in zip(df["source_row"], df["path"]):
         full = (image_root / p).resolve()
         if not full.is_relative_to(image_root):
-            manifest.skip(p, f"path escapes the image root: row {i + 2} of {csv_path.name}")
+            manifest.skip(p, f"path escapes the image root: row {row} of {csv_path.name}")
             resolved.append(None)
         elif not full.is_file():
-            manifest.skip(p, f"missing file: row {i + 2} of {csv_path.name}")
+            manifest.skip(p, f"missing file: row {row} of {csv_path.name}")
             resolved.append(None)
         else:
             resolved.append(str(full))

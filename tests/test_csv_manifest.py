@@ -1,0 +1,50 @@
+"""The generic CSV manifest source."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from readingrace.cohort.build import build_cohort
+from readingrace.config import CohortConfig
+from readingrace.errors import CohortError, ConfigError
+
+
+def make(tmp_path, rows, header="path,patient_id,race,sex"):
+    (tmp_path / "img").mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for r in rows:
+        p = tmp_path / "img" / r.split(",")[0].split("/")[-1]
+        if not p.name.startswith("missing"):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(p)
+    (tmp_path / "cohort.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
+    return CohortConfig(source="csv", options={"csv": "cohort.csv"}, target="race", min_prevalence=0)
+
+
+def test_race_rules_and_skips(tmp_path):
+    rows = ["img/a.png,1,White,F", "img/b.png,2,Black or African American,M",
+            "img/c.png,3,\"White, non-Hispanic\",F", "img/d.png,4,Hispanic or Latino,M",
+            "img/e.png,5,White,F", "img/f.png,5,Black,F",          # conflicting race: patient 5 excluded
+            "img/missing.png,6,White,F", "../outside.png,7,White,M", "img/g.png,8,Asian,F"]
+    df, manifest = build_cohort(make(tmp_path, rows), data_root=tmp_path)
+    assert dict(zip(df["patient_id"], df["race"])) == {"1": "White", "2": "Black", "3": "White", "8": "Asian"}
+    reasons = " ".join(s.reason for s in manifest.skipped)
+    assert "missing file: row 8" in reasons and "escapes the image root: row 9" in reasons
+    steps = {s.step for s in manifest.flow}
+    assert any("conflicting" in s for s in steps) and any("Hispanic" in s for s in steps)
+
+
+def test_missing_column_and_duplicates(tmp_path):
+    with pytest.raises(CohortError, match="'patient_id' is missing"):
+        build_cohort(make(tmp_path, ["img/a.png,White"], header="path,race"), data_root=tmp_path)
+    with pytest.raises(CohortError, match="row 3: image id 'img/a.png' appears 2 times"):
+        build_cohort(make(tmp_path, ["img/a.png,1,White,F", "img/a.png,1,White,F"]), data_root=tmp_path)
+
+
+def test_column_mapping(tmp_path):
+    cfg = make(tmp_path, ["img/a.png,1,White,F", "img/b.png,2,Black,M"], header="File,MRN,Race,Sex")
+    cfg.options["columns"] = {"path": "File", "patient_id": "MRN", "race": "Race", "sex": "Sex"}
+    df, _ = build_cohort(cfg, data_root=tmp_path)
+    assert sorted(df["race"]) == ["Black", "White"]
+    cfg.options["columns"] = {"path": "File", "mrn": "MRN"}
+    with pytest.raises(ConfigError, match="'mrn' is not a cohort column"):
+        build_cohort(cfg, data_root=tmp_path)
