@@ -107,6 +107,29 @@ def evaluate(predictions: Annotated[Path, typer.Argument(help="predictions.csv o
     _say(f"wrote {out_dir / 'metrics.json'}")
 
 
+@app.command()
+def confounders(config: Annotated[Path, typer.Argument(help="config with cohort: and confounders: sections")],
+                data_root: DataRoot = None, out: Out = None, set_: Sets = None) -> None:
+    """Tabular confounder analyses (B1 BMI, B2 density, B3 disease labels, chi-square); no images."""
+    from readingrace.cohort.build import build_cohort
+    from readingrace.config import load_config
+    from readingrace.experiments.rundir import RunLock
+    from readingrace.stats.confounders import confounders_markdown, run_confounders, write_confounders
+
+    cfg = load_config(config, overrides=_overrides(set_))
+    if not cfg.confounders:
+        raise ConfigError(f"{config}: add a 'confounders:' section, e.g. {{analyses: [b3, chi_square], label_cols: [...]}}")
+    spec = {"target": cfg.cohort.target, "seed": cfg.split.seed, **cfg.confounders}
+    out_dir = out or Path("runs") / cfg.name / "confounders"
+    with RunLock(out_dir):
+        table, manifest = build_cohort(cfg.cohort, data_root=data_root)
+        manifest.write(out_dir / "manifest.json")
+        result = run_confounders(table, spec)
+        write_confounders(result, out_dir)
+    typer.echo(confounders_markdown(result))
+    _say(f"wrote {out_dir}")
+
+
 def _print_summary(metrics: dict) -> None:
     from readingrace.report.markdown import fmt_ci
 

@@ -86,6 +86,20 @@ class EvaluateConfig:
 
 
 @dataclass
+class PerturbConfig:
+    """Image changes in [0, 1] space, before the network's normalisation (imaging/perturb.py).
+
+    ``train``: applied to every image (train, validation and test), i.e. the model is trained and
+    tested on perturbed images (C1 filters, C2 resolution, C4 cells, B4 clipping). ``test``: each
+    spec is a separate test-time evaluation of the model trained as configured (C2 noise and blur),
+    reported with a paired comparison against the unperturbed test images.
+    """
+
+    train: list[dict[str, Any]] = field(default_factory=list)
+    test: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: cohort -> split -> images -> model -> train -> evaluate -> report."""
 
@@ -97,6 +111,8 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    perturb: PerturbConfig = field(default_factory=PerturbConfig)
+    confounders: dict[str, Any] = field(default_factory=dict)
     out: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,7 +154,27 @@ def _check(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError(f"cohort.min_prevalence must be in [0, 0.5), got {cfg.cohort.min_prevalence}")
     if not 0 < cfg.evaluate.level < 1:
         raise ConfigError(f"evaluate.level must be in (0, 1), got {cfg.evaluate.level}")
+    _check_perturbations(cfg)
     return cfg
+
+
+def _check_perturbations(cfg: ExperimentConfig) -> None:
+    """Validate every perturbation spec now, on a blank image, so a typo fails before training."""
+    specs = [("perturb.train", s) for s in cfg.perturb.train] + [("perturb.test", s) for s in cfg.perturb.test]
+    if not specs:
+        return
+    import torch
+
+    from readingrace.imaging.perturb import apply_perturbation
+
+    blank = torch.zeros(1, 1, cfg.image.size, cfg.image.size)
+    for where, spec in specs:
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: each perturbation is a mapping like {{name: fourier, kind: highpass, radius: 25}}")
+        try:
+            apply_perturbation(blank, spec)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
 
 # -- generic dict -> dataclass with strict checking ---------------------------------------------

@@ -18,8 +18,8 @@ def predict_proba(
 ) -> np.ndarray:
     """Softmax probabilities (len(index), n_classes) for ``images[index]``.
 
-    ``transform(batch, batch_indices)`` perturbs a (B, 1, H, W) batch in [0, 1] space before the
-    model's own normalisation (test-time perturbations).
+    The model's own perturbations (those it was trained with) are applied first; then
+    ``transform(batch, batch_indices)``, a test-time perturbation in [0, 1] space.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -27,12 +27,20 @@ def predict_proba(
     for start in range(0, len(index), batch_size):
         idx = np.asarray(index[start:start + batch_size])
         x = torch.from_numpy(np.asarray(images[idx], dtype=np.float32)).unsqueeze(1).to(device)
+        x = model.prepare_input(x, idx)
         if transform is not None:
             x = transform(x, idx)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
         out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.hparams.n_classes), dtype=np.float32)
+
+
+def perturbation_transform(spec: dict) -> Callable[[torch.Tensor, np.ndarray], torch.Tensor]:
+    """A ``transform`` for :func:`predict_proba` applying one perturbation spec."""
+    from readingrace.imaging.perturb import apply_perturbation
+
+    return lambda x, idx: apply_perturbation(x, spec, indices=torch.as_tensor(idx))
 
 
 def predictions_table(cohort: pd.DataFrame, probs: np.ndarray, classes: Sequence[str], *, target: str,

@@ -47,9 +47,9 @@ class ArrayImages(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         img = torch.from_numpy(np.array(self.images[self.index[i]], dtype=np.float32))
-        return img.unsqueeze(0), torch.tensor(self.labels[i])
+        return img.unsqueeze(0), torch.tensor(self.labels[i]), torch.tensor(int(self.index[i]))
 
 
 class EpochSampler(Sampler[int]):
@@ -99,26 +99,43 @@ class ImageClassifier(L.LightningModule):
 
     def __init__(self, arch: str, n_classes: int, *, lr: float = 1e-3, lr_factor: float = 0.1,
                  lr_patience: int = 2, augment: dict | None = None, seed: int = 2021,
-                 weights: str | None = None):
+                 weights: str | None = None, perturb: list[dict] | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.net = build_model(arch, n_classes, weights=weights)
         self.augment = AugmentConfig(**(augment or {}))
+        self.perturb = list(perturb or [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for images in [0, 1] (already perturbed: see :meth:`prepare_input`)."""
         return self.net((x - INPUT_MEAN) / INPUT_STD)
 
+    def prepare_input(self, x: torch.Tensor, index: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+        """Apply the model's own perturbations (config ``perturb.train``) in [0, 1] space.
+
+        ``index`` holds the images' global (cache) indices, so seeded per-image perturbations
+        (noise) do not depend on how images are batched.
+        """
+        if not self.perturb:
+            return x
+        from readingrace.imaging.perturb import apply_perturbation
+
+        idx = None if index is None else torch.as_tensor(np.asarray(index.cpu() if torch.is_tensor(index) else index))
+        for spec in self.perturb:
+            x = apply_perturbation(x, spec, indices=idx)
+        return x
+
     def training_step(self, batch, batch_idx):  # noqa: D102
-        x, y = batch
+        x, y, idx = batch
         g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
-        x = augment_batch(x, self.augment, g)
+        x = augment_batch(self.prepare_input(x, idx), self.augment, g)
         loss = F.cross_entropy(self(x), y)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
     def validation_step(self, batch, batch_idx):  # noqa: D102
-        x, y = batch
-        logits = self(x)
+        x, y, idx = batch
+        logits = self(self.prepare_input(x, idx))
         loss = F.cross_entropy(logits.float(), y)
         acc = (logits.argmax(1) == y).float().mean()
         self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
@@ -154,7 +171,7 @@ def quiet_lightning() -> None:
 def train_model(
     *, images: np.ndarray, labels: np.ndarray, train_index: np.ndarray, val_index: np.ndarray,
     n_classes: int, arch: str, cfg: TrainConfig, seed: int, out_dir: Path,
-    weights: str | None = None, progress: bool = False,
+    weights: str | None = None, progress: bool = False, perturb: list[dict] | None = None,
 ) -> TrainResult:
     """Train one model (one seed) into ``out_dir``; resume from ``out_dir/checkpoints/last.ckpt``."""
     quiet_lightning()
@@ -169,7 +186,7 @@ def train_model(
     train_data = ArrayImages(images, labels[train_index], train_index)
     val_data = ArrayImages(images, labels[val_index], val_index)
     model = ImageClassifier(arch, n_classes, lr=cfg.lr, lr_factor=cfg.lr_factor, lr_patience=cfg.lr_patience,
-                            augment=asdict(cfg.augment), seed=seed, weights=weights)
+                            augment=asdict(cfg.augment), seed=seed, weights=weights, perturb=perturb)
     ckpt_dir = out_dir / "checkpoints"
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1, save_last=True)

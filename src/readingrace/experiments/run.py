@@ -130,6 +130,7 @@ def _check_run_dir(run_dir: Path, cfg: ExperimentConfig, force: bool) -> dict | 
 def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data_root: str | Path | None = None,
                    force: bool = False, progress: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume, or report) one experiment; returns its metrics dict."""
+    from readingrace.imaging.perturb import describe_perturbation
     from readingrace.predict import predict_proba, predictions_table
     from readingrace.reference import fit_predict_reference
     from readingrace.report.markdown import write_run_report
@@ -171,7 +172,7 @@ def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data
             result = train_model(images=prep.images, labels=_labels_for(prep), train_index=cache_idx[tr],
                                  val_index=cache_idx[va], n_classes=len(classes), arch=cfg.model.name,
                                  cfg=cfg.train, seed=seed, out_dir=seed_dir, weights=cfg.model.weights,
-                                 progress=progress)
+                                 progress=progress, perturb=cfg.perturb.train)
             model = load_classifier(seed_dir / result.best_checkpoint)
             probs = predict_proba(model, prep.images, cache_idx[te], batch_size=max(cfg.train.batch_size, 64))
             pred = predictions_table(test_rows, probs, classes, target=target, extra=strata)
@@ -179,6 +180,11 @@ def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data
             m = evaluate_predictions(pred, **eval_kw)
             m["training"] = {"epochs": result.epochs, "best_val_loss": result.best_val_loss,
                              "seconds": result.seconds, "resumed_from_epoch": result.resumed_from_epoch}
+            if cfg.perturb.train:
+                m["perturbations"] = [describe_perturbation(p) for p in cfg.perturb.train]
+            if cfg.perturb.test:
+                m["test_perturbations"] = _test_perturbations(
+                    cfg, model, prep.images, cache_idx[te], test_rows, pred, seed_dir, eval_kw)
             write_json(seed_dir / "metrics.json", clean_nan(m))
             per_seed[str(seed)] = m
             if first_pred is None:
@@ -212,6 +218,30 @@ def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data
         write_run_report(run_dir, cfg=cfg, cohort=cohort, manifest=prep.manifest, metrics=metrics)
         say(f"wrote {run_dir / 'report.md'}")
         return metrics
+
+
+def _test_perturbations(cfg: ExperimentConfig, model, images: np.ndarray, index: np.ndarray, rows: pd.DataFrame,
+                        original: pd.DataFrame, seed_dir: Path, eval_kw: dict) -> dict[str, Any]:
+    """Each ``perturb.test`` spec: metrics on perturbed test images and a paired comparison."""
+    from readingrace.imaging.perturb import describe_perturbation
+    from readingrace.predict import perturbation_transform, predict_proba, predictions_table
+    from readingrace.stats.metrics import compare_predictions, evaluate_predictions
+
+    out: dict[str, Any] = {}
+    for k, spec in enumerate(cfg.perturb.test):
+        label = describe_perturbation(spec)
+        probs = predict_proba(model, images, index, batch_size=max(cfg.train.batch_size, 64),
+                              transform=perturbation_transform(spec))
+        pred = predictions_table(rows, probs, eval_kw["classes"], target=cfg.cohort.target, extra=eval_kw["strata"])
+        write_atomic(seed_dir / f"predictions_test_perturbation_{k}.csv", pred.to_csv(index=False))
+        out[label] = {
+            "spec": spec, "predictions": f"{seed_dir.name}/predictions_test_perturbation_{k}.csv",
+            "metrics": evaluate_predictions(pred, **eval_kw),
+            "comparison": compare_predictions(pred, original, classes=eval_kw["classes"],
+                                              n_bootstrap=eval_kw["n_bootstrap"], seed=eval_kw["seed"],
+                                              level=eval_kw["level"]),
+        }
+    return out
 
 
 def _labels_for(prep: Prepared) -> np.ndarray:

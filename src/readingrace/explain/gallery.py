@@ -1,0 +1,163 @@
+"""Grad-CAM galleries (experiment C3): PNG grids of images with heatmap overlays.
+
+Titles name an image by its cache index (never a patient or image id from the source data).
+Drawing uses matplotlib's Agg canvas directly (no pyplot state, safe in worker processes).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from readingrace.errors import ReadingRaceError
+from readingrace.explain.gradcam import GradCAMExplainer
+
+__all__ = ["gallery", "gradcam_galleries", "select_cases"]
+
+
+def _as_array(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.ndim == 4 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 3:
+        raise ReadingRaceError(f"gallery: {what} must have shape (N, H, W) or (N, 1, H, W), got {arr.shape}")
+    return arr.astype(np.float32, copy=False)
+
+
+def gallery(
+    images: np.ndarray | torch.Tensor,
+    heatmaps: np.ndarray | torch.Tensor | None,
+    titles: Sequence[str],
+    path: str | Path,
+    *,
+    ncols: int = 6,
+    alpha: float = 0.4,
+    cmap: str = "jet",
+    suptitle: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Write a PNG grid of (N, H, W) images in [0, 1], each overlaid with its heatmap in [0, 1].
+
+    ``heatmaps=None`` draws the images alone. Returns the written path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    imgs = _as_array(images, "images")
+    heats = None if heatmaps is None else _as_array(heatmaps, "heatmaps")
+    n = len(imgs)
+    if n == 0:
+        raise ReadingRaceError(f"gallery: no images to draw for {path}")
+    if heats is not None and heats.shape != imgs.shape:
+        raise ReadingRaceError(f"gallery: heatmaps {heats.shape} do not match images {imgs.shape}; "
+                               "compute the heat at the image size")
+    if len(titles) != n:
+        raise ReadingRaceError(f"gallery: {len(titles)} titles for {n} images")
+    if ncols < 1:
+        raise ReadingRaceError(f"gallery: ncols must be >= 1, got {ncols}")
+    cols = min(ncols, n)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(2.4 * cols, 2.6 * rows + (0.4 if suptitle else 0)), dpi=dpi)
+    FigureCanvasAgg(fig)
+    for k in range(rows * cols):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        ax.set_axis_off()
+        if k >= n:
+            continue
+        ax.imshow(imgs[k], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        if heats is not None:
+            ax.imshow(heats[k], cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha, interpolation="bilinear")
+        ax.set_title(str(titles[k]), fontsize=7)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out
+
+
+def select_cases(pred_table: pd.DataFrame, classes: Sequence[str], *, per_group: int = 6
+                 ) -> dict[tuple[str, str], pd.DataFrame]:
+    """Rows per (true class, ``correct`` / ``wrong``), most confident prediction first, at most ``per_group``.
+
+    Adds ``predicted`` and ``confidence`` (the predicted class's probability) columns.
+    """
+    cols = [f"prob_{c}" for c in classes]
+    missing = [c for c in ["label", *cols] if c not in pred_table.columns]
+    if missing:
+        raise ReadingRaceError(f"gradcam_galleries: the predictions table lacks column(s) {missing}")
+    probs = pred_table[cols].to_numpy(dtype=float)
+    table = pred_table.assign(predicted=np.asarray(classes, dtype=object)[probs.argmax(1)],
+                              confidence=probs.max(1))
+    table["label"] = table["label"].astype(str)
+    out: dict[tuple[str, str], pd.DataFrame] = {}
+    for c in classes:
+        rows = table[table["label"] == str(c)]
+        for outcome, keep in (("correct", rows["predicted"] == str(c)), ("wrong", rows["predicted"] != str(c))):
+            chosen = rows[keep].sort_values("confidence", ascending=False, kind="stable").head(per_group)
+            out[(str(c), outcome)] = chosen
+    return out
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "class"
+
+
+def gradcam_galleries(
+    model: nn.Module,
+    images: np.ndarray,
+    pred_table: pd.DataFrame,
+    classes: Sequence[str],
+    out_dir: str | Path,
+    *,
+    per_group: int = 6,
+    index: Sequence[int] | np.ndarray | None = None,
+    layer: str | None = None,
+    ncols: int = 6,
+) -> list[Path]:
+    """One Grad-CAM gallery PNG per class and outcome (correct / wrong); returns the files written.
+
+    ``images`` is the (N, S, S) cache in [0, 1] at the model's input size; ``pred_table`` has
+    ``label`` and ``prob_<class>`` columns and, unless ``index`` gives the rows' cache positions, a
+    ``cache_index`` column (merge it from ``cohort.csv`` by ``image_id``). Each gallery shows up to
+    ``per_group`` images of one true class, the most confident predictions first, with the
+    Grad-CAM of the predicted class; titles give the cache index, true and predicted class and the
+    confidence. A group with no image writes no file.
+    """
+    classes = [str(c) for c in classes]
+    if index is None:
+        if "cache_index" not in pred_table.columns:
+            raise ReadingRaceError("gradcam_galleries: pass index= (cache positions of the table's rows) or add "
+                                   "a cache_index column (from cohort.csv, merged by image_id)")
+        positions = pred_table["cache_index"].to_numpy()
+    else:
+        positions = np.asarray(index)
+        if len(positions) != len(pred_table):
+            raise ReadingRaceError(f"gradcam_galleries: index has {len(positions)} entries for "
+                                   f"{len(pred_table)} table rows")
+    table = pred_table.reset_index(drop=True).assign(_pos=positions.astype(np.int64))
+    groups = select_cases(table, classes, per_group=per_group)
+    explain = GradCAMExplainer(model, layer)
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    for (cls, outcome), rows in groups.items():
+        if rows.empty:
+            continue
+        pos = rows["_pos"].to_numpy()
+        x = torch.from_numpy(np.asarray(images[pos], dtype=np.float32)).unsqueeze(1)
+        target = torch.as_tensor([classes.index(p) for p in rows["predicted"]])
+        heat, _ = explain(x, target)
+        titles = [f"#{p} true {cls} / pred {pr} ({conf:.2f})"
+                  for p, pr, conf in zip(pos, rows["predicted"], rows["confidence"], strict=True)]
+        path = out_dir / f"gradcam_{_slug(cls)}_{outcome}.png"
+        gallery(x[:, 0], heat, titles, path, ncols=ncols,
+                suptitle=f"true {cls}, {outcome} predictions (Grad-CAM of the predicted class)")
+        written.append(path)
+    return written
