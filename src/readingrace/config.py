@@ -73,6 +73,12 @@ class TrainConfig:
     precision: str = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     num_threads: int | None = None
+    #: Lightning placement: accelerator "auto" | "cpu" | "gpu"; devices per node; strategy "auto" |
+    #: "ddp" (multi-GPU / multi-node, or CPU processes with the gloo backend); num_nodes.
+    accelerator: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
 
 
 @dataclass

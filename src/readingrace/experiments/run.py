@@ -133,7 +133,7 @@ def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data
     from readingrace.imaging.perturb import describe_perturbation
     from readingrace.predict import predict_proba, predictions_table
     from readingrace.reference import fit_predict_reference
-    from readingrace.report.markdown import write_run_report
+    from readingrace.report.markdown import fmt_ci, write_run_report
     from readingrace.stats.metrics import evaluate_predictions
     from readingrace.train import load_classifier, train_model
 
@@ -189,8 +189,8 @@ def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data
             per_seed[str(seed)] = m
             if first_pred is None:
                 first_pred = pred
-            say(f"seed {seed}: test macro AUC {m['macro_auc']:.3f} "
-                f"[{m['macro_auc_ci'][0]:.3f}, {m['macro_auc_ci'][1]:.3f}] ({result.epochs} epochs, {result.seconds:.0f} s)")
+            say(f"seed {seed}: test macro AUC {fmt_ci(m['macro_auc'], m['macro_auc_ci'])} "
+                f"({result.epochs} epochs, {result.seconds:.0f} s)")
         metrics = dict(per_seed[str(cfg.train.seeds[0])])
         write_atomic(run_dir / "predictions.csv", first_pred.to_csv(index=False))
         aucs = [per_seed[s]["macro_auc"] for s in per_seed]
