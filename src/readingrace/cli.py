@@ -130,6 +130,47 @@ def confounders(config: Annotated[Path, typer.Argument(help="config with cohort:
     _say(f"wrote {out_dir}")
 
 
+@app.command()
+def suite(suite_dir: Annotated[str, typer.Argument(help="suite name under configs/ (e.g. 'paper') or a folder")],
+          data: Annotated[Optional[list[str]], typer.Option("--data", help="NAME=PATH of a dataset (repeatable)")] = None,
+          out: Annotated[Optional[Path], typer.Option("--out", "-o", help="suite output folder")] = None,
+          budget: Annotated[str, typer.Option(help="budget profile: full | small")] = "full",
+          attribute: Annotated[Optional[str], typer.Option(help="target for every run: race | sex | age_group")] = None,
+          only: Annotated[Optional[list[str]], typer.Option("--only", help="experiment id or family (repeatable)")] = None,
+          shard: Annotated[Optional[str], typer.Option(help="run shard I/N of the plan (1-based), e.g. 2/4")] = None,
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="list the plan, run nothing")] = False,
+          set_: Sets = None) -> None:
+    """Expand the paper's experiments into content-addressed runs and run them (done runs are reused)."""
+    from readingrace.experiments.suite import _read_side, parse_data, parse_shard, resolve_suite_dir, run_suite
+
+    folder = resolve_suite_dir(suite_dir)
+    datasets = parse_data(data or [], _read_side(folder, "_datasets.yaml"))
+    index = run_suite(folder, data=datasets, out=out or Path("runs") / f"suite-{Path(folder).name}", budget=budget,
+                      attribute=attribute, only=tuple(only or ()), shard_=parse_shard(shard),
+                      overrides=_overrides(set_), dry_run=dry_run, say=_say)
+    typer.echo(f"{index.get('counts', {})}; {len(index['skipped'])} skipped")
+
+
+@app.command()
+def collect(suites: Annotated[list[Path], typer.Argument(help="suite output folder(s) or suite*.json files")],
+            out: Annotated[Optional[Path], typer.Option("--out", "-o", help="tables and figures folder")] = None) -> None:
+    """Merge suite shards and write tidy CSV/Markdown tables and figures (one per experiment family)."""
+    from readingrace.report.collect import collect as collect_suites
+
+    result = collect_suites(suites, out=out or suites[0] / "collected")
+    typer.echo(f"{len(result.runs)} run(s) collected -> {result.out}")
+
+
+@app.command()
+def report(inputs: Annotated[list[Path], typer.Argument(help="run folder(s) and/or suite folder(s)")],
+           out: Annotated[Path, typer.Option("--out", "-o", help="report folder")] = Path("report")) -> None:
+    """A self-contained HTML report (figures embedded) and its Markdown twin."""
+    from readingrace.report.html import write_report
+
+    paths = write_report(inputs, out=out)
+    typer.echo(f"wrote {paths['html']} and {paths['markdown']}")
+
+
 def _print_summary(metrics: dict) -> None:
     from readingrace.report.markdown import fmt_ci
 
@@ -155,10 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except typer.Abort:
         return 1
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:
+        # usage errors (typer bundles its own click): print the usage message, no traceback
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             return exc.exit_code
         raise

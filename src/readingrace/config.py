@@ -130,6 +130,13 @@ class ExperimentConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def cache_home() -> Path:
+    """The shared cache of preprocessed images and generated cohorts ($READINGRACE_CACHE)."""
+    import os
+
+    return Path(os.environ.get("READINGRACE_CACHE", Path.home() / ".cache" / "readingrace"))
+
+
 SIZES_OK = ("stretch", "pad")
 PRECISIONS = ("auto", "32", "bf16")
 

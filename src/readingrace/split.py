@@ -64,6 +64,7 @@ def split_patients(
                 f"a stratified {len(r)}-way split needs at least {len(r)} per class; "
                 "drop the class (min_prevalence) or collect more patients"
             )
+    _check_part_sizes(len(patients), r, names, labels.nunique() if labels is not None else 1, target)
     strat = labels.to_numpy() if labels is not None else None
     try:
         first, rest = train_test_split(
@@ -89,6 +90,24 @@ def split_patients(
     out = df[patient_col].map(assignment)
     check_no_leakage(df.assign(split=out), patient_col=patient_col)
     return out.rename("split")
+
+
+def _check_part_sizes(n: int, r: tuple[float, ...], names: tuple[str, ...], n_classes: int, target: str | None) -> None:
+    """Patients each part gets (as scikit-learn rounds them); a part smaller than the number of classes
+    cannot be stratified (or is empty), so say which part, how many patients, and what to change."""
+    first = int(r[0] * n)  # train_test_split floors train_size * n
+    sizes = [first, n - first]
+    if len(r) == 3:
+        second = int(r[1] / (r[1] + r[2]) * sizes[1])
+        sizes = [first, second, sizes[1] - second]
+    need = max(n_classes, 1)
+    for name, size, ratio in zip(names, sizes, r):
+        if size < need:
+            what = f"the {n_classes} classes of {target!r}" if target else "one patient"
+            raise SplitError(
+                f"split.ratios {list(r)}: the {name!r} split would get {size} of {n} patients, fewer than "
+                f"{what}; raise its ratio (now {ratio:g}) or add patients"
+            )
 
 
 def check_no_leakage(

@@ -15,7 +15,7 @@ import pandas as pd
 from readingrace.cohort.manifest import Manifest
 from readingrace.cohort.schema import age_group, bmi_group, conform, validate_cohort
 from readingrace.cohort.sources import get_loader
-from readingrace.config import CohortConfig
+from readingrace.config import CohortConfig, cache_home
 from readingrace.errors import CohortError
 
 #: Targets that may legitimately differ between images of one patient (kept per image).
@@ -37,6 +37,24 @@ def exclude_conflicting(df: pd.DataFrame, column: str, manifest: Manifest, *, st
     return out
 
 
+def warn_conflicting(df: pd.DataFrame, columns: tuple[str, ...], target: str, manifest: Manifest) -> None:
+    """Warn (not exclude) about patients whose non-target ``columns`` differ between their images."""
+    for col in columns:
+        if col == target or col not in df.columns:
+            continue
+        n_values = df.groupby("patient_id", sort=False)[col].nunique(dropna=True)
+        bad = df["patient_id"].isin(n_values.index[n_values > 1])
+        if not bad.any():
+            continue
+        where = ""
+        if "source_row" in df.columns:
+            rows = df.loc[bad, "source_row"].tolist()
+            where = f" (source rows {rows[:10]}{' ...' if len(rows) > 10 else ''})"
+        manifest.warn(f"{int((n_values > 1).sum())} patient(s) have more than one {col} across their images{where}; "
+                      f"kept because {col} is not the target: correct the source, or set cohort.target to {col!r} "
+                      "to exclude them")
+
+
 def prevalence_filter(df: pd.DataFrame, target: str, min_prevalence: float, manifest: Manifest) -> pd.DataFrame:
     """Keep classes whose prevalence among patients (first image) is above ``min_prevalence``."""
     first = df.drop_duplicates("patient_id")[target]
@@ -49,10 +67,17 @@ def prevalence_filter(df: pd.DataFrame, target: str, min_prevalence: float, mani
     return out
 
 
+def default_data_root(cfg: CohortConfig) -> Path:
+    """Generated cohorts live in the shared cache; every other source needs an explicit folder."""
+    if cfg.source == "synthetic":
+        return cache_home() / "synthetic"
+    raise CohortError(f"cohort source {cfg.source!r} needs a data folder: pass --data-root or set cohort.data_root")
+
+
 def build_cohort(cfg: CohortConfig, *, data_root: str | Path | None = None) -> tuple[pd.DataFrame, Manifest]:
     """Cohort table (one row per image, no split yet) and its manifest."""
     t0 = time.perf_counter()
-    root = Path(data_root or cfg.data_root or ".").resolve()
+    root = Path(data_root or cfg.data_root or default_data_root(cfg)).resolve()
     manifest = Manifest(source=cfg.source)
     df = conform(get_loader(cfg.source)(dict(cfg.options), root, manifest))
     df = add_derived_columns(df)
@@ -66,6 +91,7 @@ def build_cohort(cfg: CohortConfig, *, data_root: str | Path | None = None) -> t
                        detail=f"images without a {target} value dropped")
     if target not in PER_IMAGE_TARGETS:
         df = exclude_conflicting(df, target, manifest)
+    warn_conflicting(df, ("sex", "race"), target, manifest)
     df = prevalence_filter(df, target, cfg.min_prevalence, manifest)
     if cfg.max_images is not None and len(df) > cfg.max_images:
         patients = df["patient_id"].drop_duplicates().to_numpy()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ import yaml
 from readingrace import __version__
 from readingrace.cohort.build import build_cohort
 from readingrace.cohort.manifest import Manifest
-from readingrace.config import ExperimentConfig
+from readingrace.config import ExperimentConfig, cache_home
 from readingrace.errors import CohortError, RunError, SplitError
 from readingrace.experiments.rundir import RunLock, clean_nan, write_atomic, write_json
 from readingrace.split import check_no_leakage, split_patients, split_sizes
@@ -39,9 +38,7 @@ RUN_OUTPUTS = ("cohort.csv", "manifest.json", "predictions.csv", "metrics.json",
 
 def cache_root(cfg: ExperimentConfig) -> Path:
     """Where preprocessed images (and generated cohorts) are kept, shared by all runs."""
-    if cfg.image.cache_dir:
-        return Path(cfg.image.cache_dir)
-    return Path(os.environ.get("READINGRACE_CACHE", Path.home() / ".cache" / "readingrace"))
+    return Path(cfg.image.cache_dir) if cfg.image.cache_dir else cache_home()
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
@@ -66,12 +63,11 @@ def prepare(cfg: ExperimentConfig, *, data_root: str | Path | None, say: Callabl
     """Build the cohort, decode and cache its images once, drop unreadable ones, split by patient."""
     from readingrace.imaging.cache import build_cache
 
+    if len(cfg.split.ratios) != 3:
+        raise SplitError(f"split.ratios {cfg.split.ratios}: a run needs three parts (train, validation, test), "
+                         "e.g. [0.6, 0.1, 0.3]")
     root = data_root or cfg.cohort.data_root
-    if root is None and cfg.cohort.source == "synthetic":
-        root = cache_root(cfg) / "synthetic"
-    if root is None:
-        raise CohortError(f"cohort source {cfg.cohort.source!r} needs a data folder: pass --data-root or set cohort.data_root")
-    if not Path(root).exists() and cfg.cohort.source != "synthetic":
+    if root is not None and not Path(root).exists() and cfg.cohort.source != "synthetic":
         raise CohortError(f"data folder not found: {root}")
     cohort, manifest = build_cohort(cfg.cohort, data_root=root)
     say(f"cohort: {len(cohort)} images of {cohort['patient_id'].nunique()} patients")
@@ -80,7 +76,7 @@ def prepare(cfg: ExperimentConfig, *, data_root: str | Path | None, say: Callabl
                         mode=cfg.image.mode, dtype=cfg.image.cache_dtype, bit_depth=cfg.image.bit_depth)
     manifest.counts["cache"] = {"key": cache.key, "seconds": round(time.perf_counter() - t0, 2)}
     for i, reason in sorted(cache.reasons.items()):
-        manifest.skip(cohort["path"].iloc[i], reason, stage="image")
+        manifest.skip(cohort["image_id"].iloc[i], reason, stage="image")
     ok = np.asarray(cache.ok, dtype=bool)
     position = np.arange(len(cohort))
     before = cohort

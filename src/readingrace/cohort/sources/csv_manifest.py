@@ -70,6 +70,9 @@ def load(options: dict[str, Any], data_root: Path, manifest: Manifest) -> pd.Dat
 
         df = apply_race(df.rename(columns={"race": "race_raw"}), manifest, raw_col="race_raw",
                         table=options.get("race_table", "generic"))
+    for col, max_value in (("age", 120.0), ("bmi", 150.0)):
+        if col in df.columns:
+            df[col] = _numeric_column(df, col, max_value, manifest, csv_path.name)
     image_root = Path(options["image_root"]) if options.get("image_root") else csv_path.parent
     image_root = (image_root if image_root.is_absolute() else root / image_root).resolve()
     resolved = []
@@ -89,3 +92,25 @@ def load(options: dict[str, Any], data_root: Path, manifest: Manifest) -> pd.Dat
     manifest.step("image file present", before, df,
                   detail=f"{len(before) - len(df)} rows skipped (missing file or path outside the image root)")
     return conform(df, dataset=options.get("dataset", csv_path.stem))
+
+
+def _numeric_column(df: pd.DataFrame, col: str, max_value: float, manifest: Manifest, csv_name: str) -> pd.Series:
+    """``col`` as float; DICOM age strings ("090Y") read as years; unreadable or out-of-range values
+    become missing, with a warning naming the CSV rows (a blank cell is simply not recorded)."""
+    from readingrace.cohort.sources.export import parse_dicom_age
+
+    raw = df[col]
+    num = pd.to_numeric(raw, errors="coerce").astype(float)
+    if col == "age":
+        text = raw.notna() & num.isna()
+        num[text] = raw[text].map(parse_dicom_age).astype(float)
+    bad = raw.notna() & (num.isna() | (num < 0) | (num > max_value))
+    if bad.any():
+        rows = df.loc[bad, "source_row"].tolist()
+        values = raw[bad].tolist()
+        shown = ", ".join(f"row {r}: {v!r}" for r, v in zip(rows[:10], values[:10]))
+        more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+        example = "52 or 052Y" if col == "age" else "27.5"
+        manifest.warn(f"{csv_name} column {col!r}: {len(rows)} value(s) unreadable or outside [0, {max_value:g}] "
+                      f"set to missing ({shown}{more}); write numbers such as {example}")
+    return num.where(~bad)
