@@ -91,6 +91,22 @@ def test_local_weights_three_to_one_channel_and_head_skipped(tmp_path):
         load_weights(dst, tmp_path / "bad.pt")
 
 
+def test_last_checkpoint_is_the_last_epoch_not_the_best(tmp_path):
+    from readingrace.config import TrainConfig
+    from readingrace.train import train_model
+
+    rng = np.random.default_rng(1)
+    x = rng.random((96, 16, 16), dtype=np.float32)
+    y = rng.integers(0, 2, 96)                      # random labels: validation loss does not keep improving
+    cfg = TrainConfig(max_epochs=5, batch_size=16, precision="32", early_stopping_patience=50, lr=0.01)
+    train_model(images=x, labels=y, train_index=np.arange(64), val_index=np.arange(64, 96), n_classes=2,
+                arch="resnet-tiny", cfg=cfg, seed=0, out_dir=tmp_path)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["epoch"]
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)["epoch"]
+    assert last == 4
+    assert best < 4                                 # the case where a best-tracking "last" would be wrong
+
+
 def _run(out: Path, epochs: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(out), str(epochs)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

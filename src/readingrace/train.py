@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from readingrace.config import AugmentConfig, TrainConfig
+from readingrace.errors import ConfigError
 from readingrace.models import build_model
 
 #: Intensity normalisation applied inside the model, after any perturbation in [0, 1] space
@@ -130,7 +131,7 @@ class ImageClassifier(L.LightningModule):
         g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
         x = augment_batch(self.prepare_input(x, idx), self.augment, g)
         loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):  # noqa: D102
@@ -189,19 +190,28 @@ def train_model(
                             augment=asdict(cfg.augment), seed=seed, weights=weights, perturb=perturb)
     ckpt_dir = out_dir / "checkpoints"
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1, save_last=True)
+        dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1)
+    # Lightning's save_last only copies when a top-k checkpoint is saved (i.e. the best epoch);
+    # resuming needs the last completed epoch, so a second, unmonitored checkpoint keeps it.
+    last_epoch = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
     early = L.pytorch.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=cfg.early_stopping_patience)
     logger = L.pytorch.loggers.CSVLogger(save_dir=str(out_dir), name="", version="logs")
+    # placement (TrainConfig.accelerator / devices / strategy / num_nodes): with strategy "ddp" each
+    # process trains on its shard of every epoch (Lightning wraps the EpochSampler in a
+    # DistributedSamplerWrapper that forwards set_epoch), gradients are averaged, and batch_size is
+    # per process. Checkpoints are written by global rank 0 only.
     trainer = L.Trainer(
-        max_epochs=cfg.max_epochs, accelerator="auto", devices=1,
+        max_epochs=cfg.max_epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+        strategy=cfg.strategy, num_nodes=cfg.num_nodes,
         precision="bf16-mixed" if use_bf16(cfg.precision) else "32-true",
-        callbacks=[checkpoint, early], logger=logger, enable_progress_bar=progress,
+        callbacks=[checkpoint, last_epoch, early], logger=logger, enable_progress_bar=progress,
         enable_model_summary=False, deterministic=False, log_every_n_steps=1, num_sanity_val_steps=0,
     )
     last = ckpt_dir / "last.ckpt"
     resumed = None
     if last.exists():
-        resumed = int(torch.load(last, map_location="cpu", weights_only=False)["epoch"]) + 1
+        resumed = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"]) + 1
     trainer.fit(model, make_loader(train_data, batch_size=cfg.batch_size, shuffle=True, seed=seed),
                 make_loader(val_data, batch_size=cfg.batch_size, shuffle=False),
                 ckpt_path=str(last) if last.exists() else None)
@@ -210,14 +220,19 @@ def train_model(
         best_val_loss=float(checkpoint.best_model_score), epochs=int(trainer.current_epoch),
         seconds=round(time.perf_counter() - t0, 1), resumed_from_epoch=resumed,
     )
-    result.write(done)
+    if trainer.is_global_zero:
+        result.write(done)
     return result
 
 
 def load_classifier(checkpoint: str | Path) -> ImageClassifier:
     """The trained model from a checkpoint written by :func:`train_model` (eval mode)."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    hp = dict(ckpt["hyper_parameters"])
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        hp = dict(ckpt["hyper_parameters"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise ConfigError(f"{checkpoint} is not a readable readingrace checkpoint (loaded weights-only): "
+                          f"{type(exc).__name__}: {str(exc)[:200]}") from None
     hp["weights"] = None
     model = ImageClassifier(**hp)
     model.load_state_dict(ckpt["state_dict"])
