@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/readingrace demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
