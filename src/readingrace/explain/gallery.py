@@ -153,7 +153,7 @@ def gradcam_galleries(
         pos = rows["_pos"].to_numpy()
         x = torch.from_numpy(np.asarray(images[pos], dtype=np.float32)).unsqueeze(1)
         target = torch.as_tensor([classes.index(p) for p in rows["predicted"]])
-        heat, _ = explain(x, target)
+        heat, _ = explain(x, target, pos)
         titles = [f"#{p} true {cls} / pred {pr} ({conf:.2f})"
                   for p, pr, conf in zip(pos, rows["predicted"], rows["confidence"], strict=True)]
         path = out_dir / f"gradcam_{_slug(cls)}_{outcome}.png"

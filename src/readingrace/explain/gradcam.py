@@ -120,15 +120,24 @@ class GradCAMExplainer:
                                                     register_backward=True),
                            target_layers=self.layer, postprocessing=_normalise_per_image)
 
-    def __call__(self, images: torch.Tensor, target_class: int | torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Heat (N, H, W) in [0, 1] and the class explained per image (N,)."""
+    def __call__(self, images: torch.Tensor, target_class: int | torch.Tensor | None = None,
+                 index: np.ndarray | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Heat (N, H, W) in [0, 1] and the class explained per image (N,).
+
+        A model with ``prepare_input`` (an ImageClassifier trained on perturbed images) gets its
+        own perturbation first, as in prediction; ``index`` (the images' cache indices) seeds it.
+        """
         x = _check_images(images)
         try:
             device = next(self.model.parameters()).device
         except StopIteration:
             device = x.device
-        x = x.detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True)
+        x = x.detach().to(device=device, dtype=torch.float32)
+        prepare = getattr(self.model, "prepare_input", None)
+        if callable(prepare):
+            with torch.no_grad():
+                x = prepare(x, index)
+        x = x.detach().clone().requires_grad_(True)
         target = _check_target(target_class, len(x), device)
         with torch.enable_grad():
             heat = self.cam(x, class_idx=target)
@@ -173,6 +182,7 @@ def gradcam(
     *,
     target_class: int | torch.Tensor | None = None,
     layer: str | None = None,
+    index: np.ndarray | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Grad-CAM heat (N, H, W) in [0, 1] per image, at the input size, for (N, 1, H, W) images in [0, 1].
 
@@ -180,9 +190,11 @@ def gradcam(
     classifier taking the images as they are. ``target_class``: one class index for all images, a
     tensor of one index per image, or None for each image's predicted class. ``layer`` names the
     target module (inside ``model.net`` or with the ``net.`` prefix); None uses the family default
-    (:data:`DEFAULT_LAYERS`). The model itself is left unchanged (a private eval-mode copy is hooked).
+    (:data:`DEFAULT_LAYERS`). A model trained on perturbed images (``prepare_input``) is explained on
+    the images as it sees them; ``index`` (cache indices) seeds a per-image perturbation. The model
+    itself is left unchanged (a private eval-mode copy is hooked).
     """
-    heat, _ = GradCAMExplainer(model, layer)(images, target_class)
+    heat, _ = GradCAMExplainer(model, layer)(images, target_class, index)
     return heat
 
 
@@ -243,7 +255,7 @@ def occlusion_test(
     for start in range(0, len(index), batch_size):
         idx = index[start:start + batch_size]
         x = torch.from_numpy(np.asarray(images[idx], dtype=np.float32)).unsqueeze(1)
-        heat, used = explain(x, None)
+        heat, used = explain(x, None, idx)
         if used.max() >= len(classes):
             raise ReadingRaceError(f"occlusion_test: the model predicts class {int(used.max())} but only "
                                    f"{len(classes)} classes were given ({classes})")
@@ -257,6 +269,8 @@ def occlusion_test(
         rows = torch.as_tensor([where[int(i)] for i in batch_idx], dtype=torch.long)
         return occlude_boxes(batch, box_t[rows].to(batch.device), fill=fill)
 
+    # predict_proba applies the model's own perturbation, then the occlusion: the box was found on
+    # the same prepared input by the explainer
     probs = predict_proba(model, images, index, batch_size=batch_size, transform=occlude)
     if ids is not None:
         table = pd.DataFrame({c: ids[c].to_numpy() for c in ("image_id", "patient_id", "study_id") if c in ids})

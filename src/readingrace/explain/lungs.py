@@ -30,7 +30,7 @@ from readingrace.errors import CohortError, ConfigError, ImageReadError
 from readingrace.imaging.io import load_image, resize
 
 __all__ = [
-    "LungUNet", "dice_scores", "load_lung_unet", "lung_only", "non_lung", "predict_lung_masks",
+    "LungUNet", "clean_masks", "dice_scores", "load_lung_unet", "lung_only", "non_lung", "predict_lung_masks",
     "read_mask", "read_pairs", "read_pairs_csv", "save_lung_unet", "train_lung_unet",
 ]
 
@@ -42,13 +42,14 @@ class LungUNet(nn.Module):
     """MONAI 2-D U-Net returning one lung logit per pixel, for images at ``size`` x ``size``."""
 
     def __init__(self, *, size: int = 128, channels: Sequence[int] = DEFAULT_CHANNELS,
-                 strides: Sequence[int] = DEFAULT_STRIDES, num_res_units: int = 2):
+                 strides: Sequence[int] = DEFAULT_STRIDES, num_res_units: int = 0):
         super().__init__()
         from monai.networks.nets import UNet
 
         factor = math.prod(strides)
         if size < factor or size % factor:
-            raise ConfigError(f"lung U-Net: size {size} must be a positive multiple of {factor} (the product of strides)")
+            raise ConfigError(f"lung U-Net: size {size} must be a positive multiple of {factor} "
+                              "(the product of strides)")
         self.config = {"size": int(size), "channels": [int(c) for c in channels],
                        "strides": [int(s) for s in strides], "num_res_units": int(num_res_units)}
         self.size = int(size)
@@ -173,7 +174,7 @@ def train_lung_unet(
     lr: float = 2e-3,
     channels: Sequence[int] = DEFAULT_CHANNELS,
     strides: Sequence[int] = DEFAULT_STRIDES,
-    num_res_units: int = 2,
+    num_res_units: int = 0,
     augment: bool = True,
     data: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[LungUNet, dict[str, Any]]:
@@ -234,7 +235,8 @@ def train_lung_unet(
             total += float(loss.detach()) * len(idx)
         losses.append(round(total / len(perm), 4))
     model.eval()
-    pred = predict_lung_masks(model, images[val_idx])
+    raw = predict_lung_masks(model, images[val_idx], clean=False)
+    pred = clean_masks(raw)
     dice = dice_scores(pred, masks[val_idx])
     report: dict[str, Any] = {
         "n_pairs": n, "n_train": int(len(train_idx)), "n_heldout": int(len(val_idx)), "size": size,
@@ -242,6 +244,7 @@ def train_lung_unet(
         "network": model.config, "loss": "DiceCELoss(sigmoid=True)", "train_loss": losses,
         "heldout_dice_mean": float(np.mean(dice)), "heldout_dice_median": float(np.median(dice)),
         "heldout_dice_p10": float(np.percentile(dice, 10)), "heldout_dice_min": float(np.min(dice)),
+        "heldout_dice_mean_unclean": float(np.mean(dice_scores(raw, masks[val_idx]))),
         "heldout_lung_fraction_true": float(masks[val_idx].mean()),
         "heldout_lung_fraction_pred": float(pred.mean()),
         "seconds_load": round(load_s, 1), "seconds": round(time.perf_counter() - t0, 1),
@@ -279,13 +282,33 @@ def load_lung_unet(path: str | Path) -> LungUNet:
 
 
 # -- inference and masking ----------------------------------------------------------------------
+def clean_masks(masks: np.ndarray, *, keep: int = 2, min_relative_area: float = 0.1) -> np.ndarray:
+    """Per mask: keep the ``keep`` largest connected regions (each at least ``min_relative_area`` of
+    the largest) and fill their holes (scipy.ndimage). Removes stray blobs (arm soft tissue, bowel
+    gas, markers) that a lung segmentation produces on unfamiliar images."""
+    from scipy import ndimage
+
+    masks = np.asarray(masks, dtype=bool)
+    out = np.zeros_like(masks)
+    for i, m in enumerate(masks):
+        labels, n = ndimage.label(m)
+        if n == 0:
+            continue
+        sizes = np.bincount(labels.ravel())[1:]
+        order = np.argsort(sizes)[::-1][:keep]
+        chosen = [k + 1 for k in order if sizes[k] >= min_relative_area * sizes[order[0]]]
+        out[i] = ndimage.binary_fill_holes(np.isin(labels, chosen))
+    return out
+
+
 @torch.no_grad()
 def predict_lung_masks(model: LungUNet, images: np.ndarray | torch.Tensor, *, threshold: float = 0.5,
-                       batch_size: int = 32) -> np.ndarray:
+                       batch_size: int = 32, clean: bool = True) -> np.ndarray:
     """Bool lung masks (N, H, W) for (N, H, W) images in [0, 1] of any size.
 
     Each image is resized (anti-aliased) to the network's size, and the lung probability resized
-    back (bilinear) to the image's size before thresholding at ``threshold``.
+    back (bilinear) to the image's size before thresholding at ``threshold``. ``clean`` applies
+    :func:`clean_masks` (two largest regions, holes filled).
     """
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"predict_lung_masks: threshold must be in (0, 1), got {threshold}")
@@ -306,12 +329,13 @@ def predict_lung_masks(model: LungUNet, images: np.ndarray | torch.Tensor, *, th
             prob = F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)
         out[start:start + len(x)] = (prob[:, 0] >= threshold).cpu().numpy()
     model.train(was_training)
-    return out
+    return clean_masks(out) if clean else out
 
 
 def _check_pair(images: Any, masks: Any, where: str) -> None:
     if tuple(images.shape) != tuple(masks.shape):
-        raise ConfigError(f"{where}: images {tuple(images.shape)} and masks {tuple(masks.shape)} must have the same shape")
+        raise ConfigError(f"{where}: images {tuple(images.shape)} and masks {tuple(masks.shape)} "
+                          "must have the same shape")
 
 
 def lung_only(images: np.ndarray | torch.Tensor, masks: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
