@@ -21,7 +21,7 @@ def synthetic_config(signal: str, **train) -> dict:
         # the planted texture that lies near the 64 px Nyquist limit (docs/synthetic.md)
         "train": {"batch_size": 32, "max_epochs": 8, "early_stopping_patience": 3, "precision": "32",
                   "augment": {"flip": True, "rotate": 0, "zoom": 0}, **train},
-        "evaluate": {"n_bootstrap": 500, "strata": ["view"]},
+        "evaluate": {"n_bootstrap": 500, "strata": ["view"], "occlusion": True, "gradcam_gallery": True},
     }
 
 
@@ -59,3 +59,15 @@ def test_planted_texture_found_by_cnn_not_by_thumbnails(runs):
     assert m["macro_auc"] > 0.9, m["macro_auc"]
     assert m["reference"]["macro_auc"] < 0.65, m["reference"]["macro_auc"]
     assert set(m["strata"]["view"]) == {"AP", "PA"}
+
+
+@pytest.mark.slow
+def test_localisation_outputs(runs):
+    m, run_dir = runs["texture"]
+    loc = m["localisation"]
+    assert loc["galleries"] and all((run_dir / f).is_file() for f in loc["galleries"])
+    occ = loc["occlusion"]
+    assert occ["threshold"] == 0.65 and 0 < occ["mean_box_fraction"] <= 1
+    assert occ["comparison"]["macro_auc_b"] == pytest.approx(m["macro_auc"])   # paired against the originals
+    boxes = pd.read_csv(run_dir / "occlusion_boxes.csv")
+    assert len(boxes) == m["n_images"]

@@ -171,6 +171,24 @@ def report(inputs: Annotated[list[Path], typer.Argument(help="run folder(s) and/
     typer.echo(f"wrote {paths['html']} and {paths['markdown']}")
 
 
+@app.command()
+def predict(run_dir: Annotated[Path, typer.Argument(help="a finished run folder (readingrace run)")],
+            data: Annotated[Path, typer.Option("--data", help="config of the other cohort (its cohort: section is used)")],
+            data_root: DataRoot = None, out: Out = None,
+            mode: Annotated[Optional[str], typer.Option(help="bring images to the model's input: stretch | pad "
+                                                               "(default: the run's image.mode)")] = None,
+            set_: Sets = None) -> None:
+    """External validation: apply a trained run, with its own preprocessing, to another cohort."""
+    from readingrace.config import load_config
+    from readingrace.experiments.external import predict_run
+
+    other = load_config(data, overrides=_overrides(set_))
+    out_dir = out or run_dir / "external" / other.name
+    metrics = predict_run(run_dir, other, out=out_dir, data_root=data_root, mode=mode, say=_say)
+    _print_summary(metrics)
+    _say(f"wrote {out_dir}")
+
+
 def _print_summary(metrics: dict) -> None:
     from readingrace.report.markdown import fmt_ci
 

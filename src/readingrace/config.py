@@ -89,6 +89,10 @@ class EvaluateConfig:
     strata: list[str] = field(default_factory=list)
     study_level: bool = False
     reference: bool = True
+    #: C3: Grad-CAM galleries (correct and wrong per class) and the hot-box occlusion test, first seed.
+    gradcam_gallery: bool = False
+    occlusion: bool = False
+    occlusion_threshold: float = 0.65
 
 
 @dataclass

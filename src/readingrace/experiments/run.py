@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ log = logging.getLogger("readingrace")
 
 #: Files a run writes; ``--force`` removes exactly these, nothing else in the folder.
 RUN_OUTPUTS = ("cohort.csv", "manifest.json", "predictions.csv", "metrics.json", "report.md", "roc.png",
-               "curves.png", "reference_predictions.csv")
+               "curves.png", "reference_predictions.csv", "predictions_occluded.csv", "occlusion_boxes.csv")
 
 
 def cache_root(cfg: ExperimentConfig) -> Path:
@@ -113,8 +114,9 @@ def _check_run_dir(run_dir: Path, cfg: ExperimentConfig, force: bool) -> dict | 
     if force:
         for name in RUN_OUTPUTS:
             (run_dir / name).unlink(missing_ok=True)
-        for seed_dir in run_dir.glob("seed-*"):
-            shutil.rmtree(seed_dir)
+        for folder in [*run_dir.glob("seed-*"), run_dir / "gradcam"]:
+            if folder.is_dir():
+                shutil.rmtree(folder)
         return None
     if not same:
         raise RunError(f"{run_dir} holds a run of a different config (fingerprint {old.get('fingerprint')}, "
@@ -135,6 +137,17 @@ def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data
 
     run_dir = Path(out) if out else default_run_dir(cfg)
     t_start = time.perf_counter()
+    if global_rank() != 0:
+        # a DDP worker process (Lightning re-runs the command once per device): it trains its shard
+        # and leaves the run folder, predictions and report to rank 0
+        prep = prepare(cfg, data_root=data_root, say=lambda m: None)
+        idx = prep.cohort["cache_index"].to_numpy()
+        for seed in cfg.train.seeds:
+            train_model(images=prep.images, labels=_labels_for(prep), train_index=idx[prep.index("train")],
+                        val_index=idx[prep.index("val")], n_classes=len(prep.classes), arch=cfg.model.name,
+                        cfg=cfg.train, seed=seed, out_dir=run_dir / f"seed-{seed}", weights=cfg.model.weights,
+                        perturb=cfg.perturb.train)
+        return {}
     with RunLock(run_dir):
         existing = _check_run_dir(run_dir, cfg, force)
         if existing is not None:
@@ -181,6 +194,9 @@ def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data
             if cfg.perturb.test:
                 m["test_perturbations"] = _test_perturbations(
                     cfg, model, prep.images, cache_idx[te], test_rows, pred, seed_dir, eval_kw)
+            if seed == cfg.train.seeds[0] and (cfg.evaluate.occlusion or cfg.evaluate.gradcam_gallery):
+                m["localisation"] = _localisation(cfg, model, prep.images, cache_idx[te], test_rows, pred,
+                                                  run_dir, eval_kw)
             write_json(seed_dir / "metrics.json", clean_nan(m))
             per_seed[str(seed)] = m
             if first_pred is None:
@@ -216,6 +232,14 @@ def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data
         return metrics
 
 
+def global_rank() -> int:
+    """This process's rank in a distributed (DDP) run; 0 when not distributed."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def _test_perturbations(cfg: ExperimentConfig, model, images: np.ndarray, index: np.ndarray, rows: pd.DataFrame,
                         original: pd.DataFrame, seed_dir: Path, eval_kw: dict) -> dict[str, Any]:
     """Each ``perturb.test`` spec: metrics on perturbed test images and a paired comparison."""
@@ -236,6 +260,34 @@ def _test_perturbations(cfg: ExperimentConfig, model, images: np.ndarray, index:
             "comparison": compare_predictions(pred, original, classes=eval_kw["classes"],
                                               n_bootstrap=eval_kw["n_bootstrap"], seed=eval_kw["seed"],
                                               level=eval_kw["level"]),
+        }
+    return out
+
+
+def _localisation(cfg: ExperimentConfig, model, images: np.ndarray, index: np.ndarray, rows: pd.DataFrame,
+                  original: pd.DataFrame, run_dir: Path, eval_kw: dict) -> dict[str, Any]:
+    """C3 on the test split: Grad-CAM galleries and the hot-box occlusion test (paired with originals)."""
+    from readingrace.explain.gallery import gradcam_galleries
+    from readingrace.explain.gradcam import occlusion_test
+    from readingrace.stats.metrics import compare_predictions, evaluate_predictions
+
+    out: dict[str, Any] = {}
+    classes = eval_kw["classes"]
+    if cfg.evaluate.gradcam_gallery:
+        files = gradcam_galleries(model, images, original, classes, run_dir / "gradcam", index=index)
+        out["galleries"] = [str(f.relative_to(run_dir)) for f in files]
+    if cfg.evaluate.occlusion:
+        occ = occlusion_test(model, images, index, rows[cfg.cohort.target].astype(str).tolist(), classes,
+                             threshold=cfg.evaluate.occlusion_threshold, ids=rows.reset_index(drop=True))
+        pred = occ["predictions"]
+        write_atomic(run_dir / "predictions_occluded.csv", pred.to_csv(index=False))
+        write_atomic(run_dir / "occlusion_boxes.csv", occ["boxes"].to_csv(index=False))
+        out["occlusion"] = {
+            "rule": occ["rule"], "threshold": occ["threshold"], "fill": occ["fill"],
+            "mean_box_fraction": occ["mean_box_fraction"], "n_empty_boxes": occ["n_empty_boxes"],
+            "metrics": evaluate_predictions(pred, **{**eval_kw, "strata": [], "study_level": False}),
+            "comparison": compare_predictions(pred, original, classes=classes, n_bootstrap=eval_kw["n_bootstrap"],
+                                              seed=eval_kw["seed"], level=eval_kw["level"]),
         }
     return out
 
