@@ -98,3 +98,12 @@ def test_real_nih_metadata(shared_data):
     assert len(df) == 909 and df["patient_id"].nunique() == 617
     assert manifest.counts["missing_files"] == 112_120 - 909
     assert df["sex"].value_counts().to_dict() == {"M": 486, "F": 423}
+
+
+def test_where_selects_a_stratum(tmp_path):
+    write_nih(tmp_path, ROWS, {r[0] for r in ROWS})
+    df, manifest = build_cohort(CohortConfig(source="nih", target="sex", where={"view": "PA"}), data_root=tmp_path)
+    assert set(df["view"]) == {"PA"} and len(df) == 4
+    assert any(s.step == "view in ['PA']" for s in manifest.flow)
+    with pytest.raises(CohortError, match="cohort.where: 'bogus'"):
+        build_cohort(CohortConfig(source="nih", target="sex", where={"bogus": 1}), data_root=tmp_path)

@@ -107,6 +107,23 @@ def test_last_checkpoint_is_the_last_epoch_not_the_best(tmp_path):
     assert best < 4                                 # the case where a best-tracking "last" would be wrong
 
 
+def test_same_seed_same_predictions(tmp_path):
+    from readingrace.config import TrainConfig
+    from readingrace.predict import predict_proba
+    from readingrace.train import load_classifier, train_model
+
+    rng = np.random.default_rng(2)
+    x = rng.random((120, 24, 24), dtype=np.float32)
+    y = rng.integers(0, 3, 120)
+    cfg = TrainConfig(max_epochs=2, batch_size=16, precision="32")
+    probs = []
+    for k in range(2):
+        r = train_model(images=x, labels=y, train_index=np.arange(80), val_index=np.arange(80, 100), n_classes=3,
+                        arch="resnet-tiny", cfg=cfg, seed=7, out_dir=tmp_path / f"run{k}")
+        probs.append(predict_proba(load_classifier(tmp_path / f"run{k}" / r.best_checkpoint), x, np.arange(100, 120)))
+    assert np.array_equal(probs[0], probs[1])
+
+
 def _run(out: Path, epochs: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(out), str(epochs)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

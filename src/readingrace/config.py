@@ -30,6 +30,9 @@ class CohortConfig:
     target: str = "race"
     min_prevalence: float = 0.01
     views: list[str] | None = None
+    #: Keep only images whose column takes one of the values, e.g. ``{age_group: "40-60"}`` or
+    #: ``{sex: [F]}``: training and testing within a stratum (B1 BMI groups, B5 age and sex).
+    where: dict[str, Any] = field(default_factory=dict)
     max_images: int | None = None
 
 

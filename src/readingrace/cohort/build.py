@@ -84,6 +84,12 @@ def build_cohort(cfg: CohortConfig, *, data_root: str | Path | None = None) -> t
     if cfg.views:
         views = [v.upper() for v in cfg.views]
         df = manifest.step(f"view in {views}", df, df[df["view"].astype(str).str.upper().isin(views)])
+    for column, wanted in cfg.where.items():
+        if column not in df.columns:
+            raise CohortError(f"cohort.where: {column!r} is not a cohort column; available: {sorted(df.columns)}")
+        values = [str(v) for v in (wanted if isinstance(wanted, list) else [wanted])]
+        df = manifest.step(f"{column} in {values}", df, df[df[column].astype(str).isin(values)],
+                           detail="stratum selected by cohort.where")
     target = cfg.target
     if target not in df.columns:
         raise CohortError(f"target {target!r} is not a cohort column; available: {sorted(df.columns)}")
