@@ -19,7 +19,7 @@ def synthetic_config(signal: str, **train) -> dict:
         "model": {"name": "resnet-tiny"},
         # flip only: rotation and zoom resample the image, which low-passes (and, zooming out, aliases)
         # the planted texture that lies near the 64 px Nyquist limit (docs/synthetic.md)
-        "train": {"batch_size": 32, "max_epochs": 8, "early_stopping_patience": 3, "precision": "32",
+        "train": {"batch_size": 32, "max_epochs": 15, "early_stopping_patience": 5, "precision": "32",
                   "augment": {"flip": True, "rotate": 0, "zoom": 0}, **train},
         "evaluate": {"n_bootstrap": 500, "strata": ["view"], "occlusion": True, "gradcam_gallery": True},
     }
