@@ -52,6 +52,8 @@ class Manifest:
     mappings: dict[str, dict[str, str]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     counts: dict[str, Any] = field(default_factory=dict)
+    #: Skips counted but not listed one by one (reason -> count), beyond ``skip_many``'s limit.
+    unlisted_skips: dict[str, int] = field(default_factory=dict)
 
     # -- recording -----------------------------------------------------------------------------
     def add_input(self, path: str | os.PathLike[str], *, hash_contents: bool = True) -> None:
@@ -76,6 +78,15 @@ class Manifest:
     def skip(self, item: object, reason: str, stage: str = "cohort") -> None:
         self.skipped.append(Skip(str(item), reason, stage))
 
+    def skip_many(self, items: list[object], reason: str, stage: str = "cohort", limit: int = 1000) -> None:
+        """Record many skips with one reason: the first ``limit`` listed, the rest counted."""
+        for item in items[:limit]:
+            self.skip(item, reason, stage)
+        if len(items) > limit:
+            key = reason.split(":")[0]
+            self.unlisted_skips[key] = self.unlisted_skips.get(key, 0) + len(items) - limit
+            self.warn(f"{len(items)} items skipped ({key}); the first {limit} are listed in 'skipped'")
+
     def warn(self, message: str) -> None:
         self.warnings.append(message)
 
@@ -90,6 +101,8 @@ class Manifest:
         for s in self.skipped:
             key = s.reason.split(":")[0]
             out[key] = out.get(key, 0) + 1
+        for key, n in self.unlisted_skips.items():
+            out[key] = out.get(key, 0) + n
         return out
 
     def write(self, path: str | os.PathLike[str]) -> None:

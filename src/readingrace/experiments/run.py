@@ -132,7 +132,7 @@ def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data
     from readingrace.predict import predict_proba, predictions_table
     from readingrace.reference import fit_predict_reference
     from readingrace.report.markdown import fmt_ci, write_run_report
-    from readingrace.stats.metrics import evaluate_predictions
+    from readingrace.stats.metrics import compare_predictions, evaluate_predictions
     from readingrace.train import load_classifier, train_model
 
     run_dir = Path(out) if out else default_run_dir(cfg)
@@ -220,6 +220,9 @@ def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data
             ref_pred = predictions_table(test_rows, ref_probs, classes, target=target, extra=strata)
             write_atomic(run_dir / "reference_predictions.csv", ref_pred.to_csv(index=False))
             metrics["reference"] = {**details, **evaluate_predictions(ref_pred, **eval_kw)}
+            metrics["cnn_vs_reference"] = compare_predictions(
+                first_pred, ref_pred, classes=classes, n_bootstrap=cfg.evaluate.n_bootstrap, seed=cfg.split.seed,
+                level=cfg.evaluate.level)
         metrics.update({
             "target": target, "model": cfg.model.name, "image_size": cfg.image.size,
             "run": {"name": cfg.name, "fingerprint": cfg.fingerprint(), "readingrace": __version__,

@@ -193,6 +193,10 @@ def write_run_report(run_dir: Path, *, cfg: ExperimentConfig, cohort: pd.DataFra
         r = metrics["reference"]
         lines += [f"Reference: {r.get('name')} (C = {r.get('C'):g}, chosen on validation). A CNN that does no better "
                   "than the reference has found nothing beyond coarse intensity and shape.", ""]
+        cmp_ = metrics.get("cnn_vs_reference")
+        if cmp_:
+            lines += [f"CNN minus reference, macro AUC (paired, same test images): "
+                      f"{fmt_ci(cmp_.get('macro_difference'), cmp_.get('macro_difference_ci'))}.", ""]
     seeds = metrics.get("seeds") or {}
     if len(seeds) > 1:
         s = metrics["seed_summary"]

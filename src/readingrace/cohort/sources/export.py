@@ -152,10 +152,8 @@ def check_files(df: pd.DataFrame, manifest: Manifest, *, path_col: str = "path",
     """Keep rows whose file exists; the others are counted in a step and listed (up to a cap) as skips."""
     exists = np.fromiter((os.path.isfile(p) for p in df[path_col]), dtype=bool, count=len(df))
     missing = df.loc[~exists, id_col]
-    for item in missing.iloc[:MAX_SKIP_RECORDS]:
-        manifest.skip(item, f"missing file: listed in {where or 'the metadata'}, no image file")
-    if len(missing) > MAX_SKIP_RECORDS:
-        manifest.warn(f"{len(missing)} rows have no image file; the first {MAX_SKIP_RECORDS} are listed in 'skipped'")
+    manifest.skip_many(missing.tolist(), f"missing file: listed in {where or 'the metadata'}, no image file",
+                       limit=MAX_SKIP_RECORDS)
     manifest.counts["missing_files"] = manifest.counts.get("missing_files", 0) + int(len(missing))
     return manifest.step(step, df, df.loc[exists], detail=f"{len(missing)} rows without an image file")
 

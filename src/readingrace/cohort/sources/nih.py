@@ -106,10 +106,8 @@ def load(options: dict[str, Any], data_root: Path, manifest: Manifest) -> pd.Dat
     paths = df["image_id"].map(index)
     present = paths.notna().to_numpy()
     missing = df.loc[~present, "image_id"]
-    for name in missing.iloc[:MAX_SKIP_RECORDS]:
-        manifest.skip(name, "missing file: listed in metadata, no image under the data root")
-    if len(missing) > MAX_SKIP_RECORDS:
-        manifest.warn(f"{len(missing)} metadata rows have no image file; the first {MAX_SKIP_RECORDS} are listed in 'skipped'")
+    manifest.skip_many(missing.tolist(), "missing file: listed in metadata, no image under the data root",
+                       limit=MAX_SKIP_RECORDS)
     kept = df.loc[present].assign(path=paths[present].map(str))
     manifest.step("image file present", df, kept, detail=f"{len(missing)} rows without an image file skipped")
     manifest.counts["missing_files"] = int(len(missing))
