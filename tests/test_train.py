@@ -107,6 +107,20 @@ def test_last_checkpoint_is_the_last_epoch_not_the_best(tmp_path):
     assert best < 4                                 # the case where a best-tracking "last" would be wrong
 
 
+def test_relative_output_folder(tmp_path, monkeypatch):
+    from readingrace.config import TrainConfig
+    from readingrace.train import train_model
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(3)
+    x, y = rng.random((40, 16, 16), dtype=np.float32), rng.integers(0, 2, 40)
+    r = train_model(images=x, labels=y, train_index=np.arange(30), val_index=np.arange(30, 40), n_classes=2,
+                    arch="resnet-tiny", cfg=TrainConfig(max_epochs=1, batch_size=16, precision="32"), seed=0,
+                    out_dir=Path("runs") / "rel")
+    assert r.best_checkpoint == "checkpoints/best.ckpt"
+    assert (tmp_path / "runs" / "rel" / "train_result.json").is_file()
+
+
 def test_same_seed_same_predictions(tmp_path):
     from readingrace.config import TrainConfig
     from readingrace.predict import predict_proba

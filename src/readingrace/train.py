@@ -176,6 +176,7 @@ def train_model(
 ) -> TrainResult:
     """Train one model (one seed) into ``out_dir``; resume from ``out_dir/checkpoints/last.ckpt``."""
     quiet_lightning()
+    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     done = out_dir / "train_result.json"
     if done.exists():
