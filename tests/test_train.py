@@ -172,3 +172,8 @@ def test_kill_during_training_then_resume_matches_uninterrupted(tmp_path):
     b = torch.load(part_dir / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
     assert json.loads((part_dir / "train_result.json").read_text())["epochs"] == epochs
+    from readingrace.train import history
+
+    curves = history(part_dir)                      # both attempts' logs: every epoch present once
+    assert curves["epoch"].tolist() == list(range(epochs))
+    assert curves["val_loss"].notna().all()

@@ -167,6 +167,7 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*isinstance.*treespec.*")
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
 
 
 def train_model(
@@ -197,7 +198,9 @@ def train_model(
     last_epoch = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
     early = L.pytorch.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=cfg.early_stopping_patience)
-    logger = L.pytorch.loggers.CSVLogger(save_dir=str(out_dir), name="", version="logs")
+    # one log folder per attempt, so resuming never overwrites the curves of earlier epochs
+    attempt = len(list((out_dir / "logs").glob("attempt-*"))) + 1
+    logger = L.pytorch.loggers.CSVLogger(save_dir=str(out_dir / "logs"), name="", version=f"attempt-{attempt}")
     # placement (TrainConfig.accelerator / devices / strategy / num_nodes): with strategy "ddp" each
     # process trains on its shard of every epoch (Lightning wraps the EpochSampler in a
     # DistributedSamplerWrapper that forwards set_epoch), gradients are averaged, and batch_size is
@@ -241,12 +244,19 @@ def load_classifier(checkpoint: str | Path) -> ImageClassifier:
 
 
 def history(out_dir: Path) -> pd.DataFrame:
-    """Per-epoch training curves from the CSV log (one row per epoch)."""
-    path = out_dir / "logs" / "metrics.csv"
-    if not path.exists():
+    """Per-epoch training curves from the CSV logs of every attempt (one row per epoch; a resumed
+    attempt's rows replace those of epochs it repeated)."""
+    paths = sorted((Path(out_dir) / "logs").glob("attempt-*/metrics.csv"),
+                   key=lambda p: int(p.parent.name.split("-")[1]))
+    frames = []
+    for k, path in enumerate(paths):
+        df = pd.read_csv(path)
+        if "epoch" in df:
+            frames.append(df.groupby("epoch").mean(numeric_only=True).assign(attempt=k))
+    if not frames:
         return pd.DataFrame()
-    df = pd.read_csv(path)
-    return df.groupby("epoch").mean(numeric_only=True).reset_index() if "epoch" in df else df
+    merged = pd.concat(frames).reset_index()
+    return merged.sort_values(["epoch", "attempt"]).groupby("epoch").last().reset_index().drop(columns="attempt")
 
 
 def use_bf16(precision: str) -> bool:
