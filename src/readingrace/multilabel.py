@@ -46,10 +46,10 @@ from readingrace.train import (
     INPUT_STD,
     EpochSampler,
     TrainResult,
+    fit_resumable,
     augment_batch,
     quiet_lightning,
     train_model,
-    use_bf16,
 )
 
 POLICIES: dict[str, str] = {
@@ -185,7 +185,7 @@ def train_multilabel(
     :func:`readingrace.train.train_model`.
     """
     quiet_lightning()
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()   # Lightning's best_model_path is absolute
     out_dir.mkdir(parents=True, exist_ok=True)
     done = out_dir / "train_result.json"
     if done.exists():
@@ -207,30 +207,10 @@ def train_multilabel(
     val_data = MultiLabelImages(images, targets[va], mask[va], va)
     model = MultiLabelClassifier(arch, list(label_names), policy=policy, lr=cfg.lr, lr_factor=cfg.lr_factor,
                                  lr_patience=cfg.lr_patience, augment=asdict(cfg.augment), seed=seed, weights=weights)
-    ckpt_dir = out_dir / "checkpoints"
-    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1, save_last=True)
-    early = L.pytorch.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=cfg.early_stopping_patience)
-    logger = L.pytorch.loggers.CSVLogger(save_dir=str(out_dir), name="", version="logs")
-    trainer = L.Trainer(
-        max_epochs=cfg.max_epochs, accelerator="auto", devices=1,
-        precision="bf16-mixed" if use_bf16(cfg.precision) else "32-true",
-        callbacks=[checkpoint, early], logger=logger, enable_progress_bar=progress,
-        enable_model_summary=False, deterministic=False, log_every_n_steps=1, num_sanity_val_steps=0,
-    )
-    last = ckpt_dir / "last.ckpt"
-    resumed = int(torch.load(last, map_location="cpu", weights_only=False)["epoch"]) + 1 if last.exists() else None
     train_loader = DataLoader(train_data, batch_size=cfg.batch_size, sampler=EpochSampler(len(train_data), seed),
                               num_workers=0)
     val_loader = DataLoader(val_data, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
-    trainer.fit(model, train_loader, val_loader, ckpt_path=str(last) if last.exists() else None)
-    result = TrainResult(
-        best_checkpoint=str(Path(checkpoint.best_model_path).relative_to(out_dir)),
-        best_val_loss=float(checkpoint.best_model_score), epochs=int(trainer.current_epoch),
-        seconds=round(time.perf_counter() - t0, 1), resumed_from_epoch=resumed,
-    )
-    result.write(done)
-    return result
+    return fit_resumable(model, train_loader, val_loader, cfg=cfg, out_dir=out_dir, progress=progress, t0=t0)
 
 
 def load_multilabel(checkpoint: str | Path) -> MultiLabelClassifier:

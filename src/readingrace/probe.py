@@ -52,6 +52,7 @@ PROBE_TEXT = {
 }
 DEFAULT_CS = np.logspace(-4, 2, 13)
 DEFAULT_PROBE_RATIOS: tuple[float, float, float] = (0.6, 0.1, 0.3)
+MAX_CLASSES = 20
 REID_VARIANTS = {
     "unseen": "probe on patients the re-identification model never saw (default)",
     "paper": ("PAPER VARIANT: probe on the re-identification patients themselves; the feature extractor was "
@@ -304,6 +305,9 @@ def run_probe(
     cls = [str(c) for c in classes] if classes is not None else sorted(df[target].unique())
     if len(cls) < 2:
         raise CohortError(f"{target!r} has one class ({cls}) among the probe's rows; nothing to probe")
+    if len(cls) > MAX_CLASSES:
+        raise ConfigError(f"{target!r} has {len(cls)} distinct values: a probe predicts classes, not a continuous "
+                          "value; use a grouped column (age_group, bmi_group)")
     outside = ~df[target].isin(cls)
     if outside.any():
         raise CohortError(f"{int(outside.sum())} row(s) have {target} values not among classes {cls} "
