@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             build = measure("build", meta, cohort)
             load = measure("load", meta, cohort)
             res[factor] = {"baseline": base, "build": build, "load": load}
-    print(f"peak RSS above the interpreter + imports baseline (fresh process per step)")
+    print("peak RSS above the interpreter + imports baseline (fresh process per step)")
     out: dict = {}
     for factor, r in res.items():
         for step in ("build", "load"):

@@ -189,6 +189,34 @@ def predict(run_dir: Annotated[Path, typer.Argument(help="a finished run folder 
     _say(f"wrote {out_dir}")
 
 
+@app.command()
+def probe(cohort_config: Annotated[Path, typer.Option("--cohort", help="experiment config whose cohort/split/image "
+                                                                     "sections define the images")],
+          model: Annotated[Optional[str], typer.Option(help="checkpoint (.ckpt/.pt, weights-only) or package.module:function")] = None,
+          features: Annotated[Optional[Path], typer.Option(help="saved features (.npy + ids, .npz, .parquet, .csv)")] = None,
+          layer: Annotated[Optional[str], typer.Option(help="named layer (default: the input of the classification head)")] = None,
+          arch: Annotated[Optional[str], typer.Option(help="architecture of a bare state dict")] = None,
+          target: Annotated[Optional[list[str]], typer.Option(help="attribute to probe (repeatable; default: the config's)")] = None,
+          direct: Annotated[Optional[Path], typer.Option(help="predictions.csv of a model trained directly for the target")] = None,
+          data_root: DataRoot = None, out: Out = None,
+          n_bootstrap: Annotated[int, typer.Option(help="bootstrap replicates")] = 1000) -> None:
+    """Audit a model: does it encode race / sex / age? Linear and logistic probes on frozen features."""
+    from readingrace.config import load_config
+    from readingrace.experiments.run import prepare
+    from readingrace.probe import run_audit
+
+    cfg = load_config(cohort_config)
+    targets = list(target or [cfg.cohort.target])
+    if direct is not None and len(targets) != 1:
+        raise ConfigError("--direct compares with one target: give exactly one --target")
+    prep = prepare(cfg, data_root=data_root, say=_say)
+    out_dir = out or Path("runs") / cfg.name / "probe"
+    run_audit(images=prep.images, cohort=prep.cohort, out_dir=out_dir, targets=targets, model=model, layer=layer,
+              arch=arch, features=features, direct_predictions={targets[0]: direct} if direct else None,
+              n_bootstrap=n_bootstrap, seed=cfg.split.seed, say=_say)
+    _say(f"wrote {out_dir}")
+
+
 def _print_summary(metrics: dict) -> None:
     from readingrace.report.markdown import fmt_ci
 

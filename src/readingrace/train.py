@@ -190,6 +190,19 @@ def train_model(
     val_data = ArrayImages(images, labels[val_index], val_index)
     model = ImageClassifier(arch, n_classes, lr=cfg.lr, lr_factor=cfg.lr_factor, lr_patience=cfg.lr_patience,
                             augment=asdict(cfg.augment), seed=seed, weights=weights, perturb=perturb)
+    return fit_resumable(model, make_loader(train_data, batch_size=cfg.batch_size, shuffle=True, seed=seed),
+                         make_loader(val_data, batch_size=cfg.batch_size, shuffle=False), cfg=cfg,
+                         out_dir=out_dir, progress=progress, t0=t0)
+
+
+def fit_resumable(model: L.LightningModule, train_loader: DataLoader, val_loader: DataLoader, *,
+                  cfg: TrainConfig, out_dir: Path, progress: bool = False, t0: float | None = None) -> TrainResult:
+    """Fit with the paper's early stopping and checkpoints in ``out_dir``; resume from the last epoch.
+
+    ``checkpoints/best.ckpt`` is the best epoch by validation loss; ``checkpoints/last.ckpt`` the
+    last completed epoch (resumed from when present); logs go to ``logs/attempt-<k>/``.
+    """
+    t0 = time.perf_counter() if t0 is None else t0
     ckpt_dir = out_dir / "checkpoints"
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1)
@@ -216,16 +229,14 @@ def train_model(
     resumed = None
     if last.exists():
         resumed = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"]) + 1
-    trainer.fit(model, make_loader(train_data, batch_size=cfg.batch_size, shuffle=True, seed=seed),
-                make_loader(val_data, batch_size=cfg.batch_size, shuffle=False),
-                ckpt_path=str(last) if last.exists() else None)
+    trainer.fit(model, train_loader, val_loader, ckpt_path=str(last) if last.exists() else None)
     result = TrainResult(
         best_checkpoint=str(Path(checkpoint.best_model_path).relative_to(out_dir)),
         best_val_loss=float(checkpoint.best_model_score), epochs=int(trainer.current_epoch),
         seconds=round(time.perf_counter() - t0, 1), resumed_from_epoch=resumed,
     )
     if trainer.is_global_zero:
-        result.write(done)
+        result.write(out_dir / "train_result.json")
     return result
 
 

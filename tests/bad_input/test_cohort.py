@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from .conftest import assert_user_error, cohort_rows, csv_config, make_dataset, write_config
+from .conftest import assert_user_error, cohort_rows, csv_config, make_dataset
 
 
 def cohort(cli: Any, tmp_path: Path, rows: list[dict[str, Any]] | None = None, *, config: dict | None = None,

@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-from .conftest import assert_user_error, cohort_rows, csv_config, make_dataset, run_cli_subprocess, write_config
+from .conftest import assert_user_error, cohort_rows, csv_config, make_dataset, run_cli_subprocess
 
 
 
