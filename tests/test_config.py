@@ -60,3 +60,10 @@ def test_shipped_configs_load():
 
 def test_set_dotted():
     assert set_dotted({}, "train.max_epochs", 3) == {"train": {"max_epochs": 3}}
+
+
+def test_fingerprint_ignores_options_left_at_their_default():
+    base = config_from_dict({"train": {"max_epochs": 3}})
+    explicit = config_from_dict({"train": {"max_epochs": 3, "lr": 1e-3}, "evaluate": {"occlusion": False}})
+    changed = config_from_dict({"train": {"max_epochs": 3, "lr": 1e-4}})
+    assert base.fingerprint() == explicit.fingerprint() != changed.fingerprint()

@@ -132,9 +132,27 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self, *, exclude: tuple[str, ...] = ("name", "description", "out")) -> str:
-        """Hash of everything that changes results (not the name or output folder)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        """Hash of everything that changes results (not the name or output folder).
+
+        Only values that differ from the defaults enter the hash, so adding a new option with a
+        default does not re-address (and redo) every finished run.
+        """
+        d = _non_default(self.to_dict(), ExperimentConfig().to_dict())
+        d = {k: v for k, v in d.items() if k not in exclude}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _non_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        default = defaults.get(key, object())
+        if isinstance(value, dict) and isinstance(default, dict) and value and default:
+            sub = _non_default(value, default)
+            if sub:
+                out[key] = sub
+        elif value != default:
+            out[key] = value
+    return out
 
 
 def cache_home() -> Path:
