@@ -16,6 +16,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/readingrace demo
+	$(VENV)/bin/readingrace report runs/demo -o runs/demo/html
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile

@@ -43,7 +43,7 @@ def test_empty_test_split(cli, tmp_path: Path) -> None:
 
 def test_two_way_split_has_no_test_part(cli, tmp_path: Path) -> None:
     ds = make_dataset(tmp_path, cohort_rows(12), config=csv_config(ratios=[0.5, 0.5]))
-    assert_user_error(run_cmd(cli, ds, tmp_path / "out"), "the test split is empty")
+    assert_user_error(run_cmd(cli, ds, tmp_path / "out"), "split.ratios [0.5, 0.5]: a run needs three parts")
 
 
 def test_attribute_with_one_class(cli, tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ def test_classifier_checkpoint_loads_weights_only(tmp_path: Path) -> None:
     from readingrace.train import load_classifier
 
     ckpt, marker = evil_checkpoint(tmp_path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ConfigError, match="not a readable readingrace checkpoint .loaded weights-only.*UnpicklingError"):
         load_classifier(ckpt)
     assert not marker.exists()
 
