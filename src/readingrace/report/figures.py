@@ -1,0 +1,191 @@
+"""Figures of the paper's grids from the tidy results table (matplotlib, Agg); each AUC with its CI.
+
+* :func:`plot_cutoff` - AUC vs Fourier cut-off for low- and high-pass, one line per class (Figure 6);
+* :func:`plot_resolution` - AUC vs image resolution (Figure 7);
+* :func:`plot_cell_maps` - 3x3 maps of AUC for drop-one and keep-one cells (Tables 7 and 8);
+* :func:`plot_band_maps` - d1 x d2 maps for band-pass and notch (Supplemental Tables 7 and 8);
+* :func:`plot_flow` - the exclusion flow (CONSORT figure) from a manifest's flow table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _line_panel(ax, part: pd.DataFrame, x: str, *, title: str, xlabel: str, log: bool) -> None:
+    colours = _plt().rcParams["axes.prop_cycle"].by_key()["color"]
+    classes = sorted(c for c in part["class"].unique() if c != "macro") + ["macro"]
+    for k, cls in enumerate(classes):
+        d = part[part["class"] == cls].sort_values(x)
+        if d.empty:
+            continue
+        xs = d[x].astype(float).to_numpy()
+        y = d["auc"].astype(float).to_numpy()
+        lo = d["ci_lo"].astype(float).to_numpy()
+        hi = d["ci_hi"].astype(float).to_numpy()
+        style = dict(color="black", lw=2) if cls == "macro" else dict(color=colours[k % len(colours)])
+        ax.plot(xs, y, marker="o", ms=3, label=cls, **style)
+        ax.fill_between(xs, lo, hi, alpha=0.15, color=style["color"])
+    ax.axhline(0.5, color="grey", ls=":", lw=0.8)
+    if log:
+        ax.set_xscale("log")
+    ax.set(title=title, xlabel=xlabel, ylabel="AUC (95% CI band)", ylim=(0.3, 1.02))
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def plot_cutoff(tidy: pd.DataFrame, path: Path) -> bool:
+    """Figure 6: AUC vs cut-off ``d`` for C1-lowpass and C1-highpass (one panel each)."""
+    ids = [i for i in ("C1-lowpass", "C1-highpass") if (tidy["id"] == i).any()]
+    if not ids:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(ids), figsize=(5.2 * len(ids), 4), dpi=100, squeeze=False)
+    for ax, id_ in zip(axes[0], ids):
+        part = tidy[(tidy["id"] == id_) & (tidy["test_perturbation"] == "") & tidy["d"].notna()]
+        kind = "low-pass (keep r < d)" if id_ == "C1-lowpass" else "high-pass (keep r >= d)"
+        _line_panel(ax, part, "d", title=f"{kind}", xlabel="cut-off d (pixels at 224 px)", log=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_resolution(tidy: pd.DataFrame, path: Path) -> bool:
+    """Figure 7: AUC vs resolution (C2-resolution)."""
+    part = tidy[(tidy["id"] == "C2-resolution") & (tidy["test_perturbation"] == "") & tidy["resolution"].notna()]
+    if part.empty:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=100)
+    _line_panel(ax, part, "resolution", title="AUC vs resolution", xlabel="resolution (pixels per side)", log=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _matrix_panel(ax, values: np.ndarray, text: list[list[str]], *, title: str, xt: list, yt: list,
+                  xlabel: str, ylabel: str):
+    im = ax.imshow(values, vmin=0.5, vmax=1.0, cmap="viridis")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if text[i][j]:
+                v = values[i, j]
+                ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7,
+                        color="white" if not np.isnan(v) and v < 0.8 else "black")
+    ax.set_xticks(range(len(xt)), [str(x) for x in xt])
+    ax.set_yticks(range(len(yt)), [str(y) for y in yt])
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    return im
+
+
+def plot_cell_maps(tidy: pd.DataFrame, path: Path, *, cls: str = "macro") -> bool:
+    """Tables 7 and 8 as 3x3 maps: AUC (and CI) per dropped / kept cell."""
+    ids = [i for i in ("C4-drop", "C4-keep") if (tidy["id"] == i).any()]
+    if not ids:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(ids), figsize=(4.8 * len(ids), 4.4), dpi=100, squeeze=False)
+    im = None
+    for ax, id_ in zip(axes[0], ids):
+        part = tidy[(tidy["id"] == id_) & (tidy["class"] == cls) & (tidy["test_perturbation"] == "")]
+        vals = np.full((3, 3), np.nan)
+        text = [["" for _ in range(3)] for _ in range(3)]
+        for _, r in part.iterrows():
+            i, j = int(r["row"]), int(r["col"])
+            vals[i, j] = r["auc"]
+            ci = f"\n[{r['ci_lo']:.2f}, {r['ci_hi']:.2f}]" if pd.notna(r["ci_lo"]) else ""
+            text[i][j] = f"{r['auc']:.2f}{ci}"
+        what = "cell zeroed" if id_ == "C4-drop" else "only cell kept"
+        im = _matrix_panel(ax, vals, text, title=f"{id_}: {what} ({cls} AUC)", xt=[0, 1, 2], yt=[0, 1, 2],
+                           xlabel="column", ylabel="row")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="AUC")
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def plot_band_maps(tidy: pd.DataFrame, path: Path, *, cls: str = "macro") -> bool:
+    """Supplemental Tables 7 and 8 as d1 x d2 maps of AUC for band-pass and notch."""
+    ids = [i for i in ("C1-bandpass", "C1-notch") if (tidy["id"] == i).any()]
+    if not ids:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(ids), figsize=(5 * len(ids), 4.4), dpi=100, squeeze=False)
+    im = None
+    for ax, id_ in zip(axes[0], ids):
+        part = tidy[(tidy["id"] == id_) & (tidy["class"] == cls) & (tidy["test_perturbation"] == "")]
+        d1s = sorted(part["d1"].dropna().astype(int).unique())
+        d2s = sorted(part["d2"].dropna().astype(int).unique())
+        vals = np.full((len(d1s), len(d2s)), np.nan)
+        text = [["" for _ in d2s] for _ in d1s]
+        for _, r in part.iterrows():
+            i, j = d1s.index(int(r["d1"])), d2s.index(int(r["d2"]))
+            vals[i, j] = r["auc"]
+            text[i][j] = f"{r['auc']:.2f}"
+        im = _matrix_panel(ax, vals, text, title=f"{id_} ({cls} AUC)", xt=d2s, yt=d1s, xlabel="d2", ylabel="d1")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="AUC")
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def plot_flow(flow: pd.DataFrame, path: Path, *, title: str = "") -> bool:
+    """CONSORT-style flow: one box per step with images (patients) remaining, exclusions at the side."""
+    if flow.empty:
+        return False
+    flow = flow.reset_index(drop=True)
+    if int(flow.loc[0, "images_before"]) == 0:  # a "read the metadata" step: it starts the flow
+        start = flow.loc[0, ["images_after", "patients_after"]].tolist()
+        flow = flow.iloc[1:].copy()
+        if flow.empty:
+            return False
+        flow.iloc[0, flow.columns.get_loc("images_before")] = start[0]
+        flow.iloc[0, flow.columns.get_loc("patients_before")] = start[1]
+    plt = _plt()
+    n = len(flow)
+    fig, ax = plt.subplots(figsize=(7, 1.0 + 0.9 * (n + 1)), dpi=100)
+    ax.set_axis_off()
+    ax.set_xlim(0, 10)
+    ax.set_ylim(-(n + 0.5), 1)
+    first = flow.iloc[0]
+    box = dict(boxstyle="round", fc="#eef3fb", ec="#2b5b9b")
+    ax.text(3, 0.3, f"{first['images_before']} images ({first['patients_before']} patients)",
+            ha="center", va="center", bbox=box, fontsize=8)
+    for k, (_, s) in enumerate(flow.iterrows(), 1):
+        y = -k + 0.3
+        ax.annotate("", xy=(3, y + 0.25), xytext=(3, y + 0.75), arrowprops=dict(arrowstyle="->"))
+        ax.text(3, y, f"{s['images_after']} images ({s['patients_after']} patients)", ha="center", va="center",
+                bbox=box, fontsize=8)
+        removed = int(s["images_before"]) - int(s["images_after"])
+        ax.text(6.0, y + 0.5, f"{s['step']}: -{removed} images", ha="left", va="center", fontsize=7,
+                bbox=dict(boxstyle="round", fc="#fff4e5", ec="#b36b00"))
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def family_figures(tidy: pd.DataFrame, out: Path) -> dict[str, Path]:
+    """Every grid figure the results allow, written into ``out``; returns {name: path}."""
+    out = Path(out)
+    made: dict[str, Path] = {}
+    for name, fn in (("C1-cutoff", plot_cutoff), ("C1-band", plot_band_maps), ("C2-resolution", plot_resolution),
+                     ("C4-cells", plot_cell_maps)):
+        path = out / f"{name}.png"
+        if fn(tidy, path):
+            made[name] = path
+    return made

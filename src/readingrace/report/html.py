@@ -1,0 +1,289 @@
+"""The study report: one self-contained HTML page (figures embedded as data URIs) and a Markdown twin.
+
+Built from run folders and/or suite folders (:mod:`readingrace.report.collect`); never trains.
+Sections: cohort (Table 1, exclusion flow), one section per experiment family with the paper's
+table layout (each AUC with its 95% CI, linked to its run folder) and figures, ROC and training
+curves, Grad-CAM galleries when present, methods generated from the resolved configs, provenance.
+Patient identifiers never appear: the cohort is summarised, never listed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import importlib.metadata
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from readingrace.experiments.rundir import write_atomic
+from readingrace.report.collect import Collected, RunRecord, collect, experiment_tables
+from readingrace.report.markdown import demographics_table, md_table
+
+FAMILIES = {
+    "A": ("A: detecting the attribute from images across modalities", "Tables 3-5"),
+    "B": ("B: confounders (BMI, density, disease, bone density, age and sex)", "Table 6, Supplemental Tables 9-13"),
+    "C1": ("C1: frequency-domain filters", "Figure 6, Supplemental Tables 5-8"),
+    "C2": ("C2: resolution and image quality", "Figure 7, Supplemental Tables 14-15"),
+    "C3": ("C3: localisation (Grad-CAM)", "Supplemental Tables 16-18"),
+    "C4": ("C4: 3x3 patches", "Tables 7 and 8"),
+}
+FAMILY_FIGURES = {"C1": ["C1-cutoff", "C1-band"], "C2": ["C2-resolution"], "C4": ["C4-cells"]}
+PACKAGES = ("readingrace", "torch", "monai", "lightning", "numpy", "pandas", "scikit-learn", "scipy", "statsmodels")
+GALLERY_GLOBS = ("gradcam*.png", "gallery*.png", "explain/*.png", "gradcam/*.png")
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:0.6em 0;font-size:0.85em}th,td{border:1px solid #ccc;padding:3px 7px}
+th{background:#f2f4f8}img{max-width:100%;border:1px solid #ddd;margin:0.4em 0}code{background:#f4f4f4}
+section{margin-top:2em}details{margin:0.5em 0}.note{color:#555;font-size:0.9em}"""
+
+
+def _img_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _html_table(df: pd.DataFrame, links: dict[tuple[int, str], str] | None = None) -> str:
+    links = links or {}
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    rows = []
+    for i, row in enumerate(df.itertuples(index=False)):
+        cells = []
+        for c, v in zip(df.columns, row):
+            text = html.escape("" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
+            href = links.get((i, str(c)))
+            cells.append(f'<td><a href="{html.escape(href)}">{text}</a></td>' if href else f"<td>{text}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _run_links(table: pd.DataFrame, tidy: pd.DataFrame, id_: str, out: Path) -> dict[tuple[int, str], str]:
+    """(row, column) -> relative link to the run folder of that number."""
+    part = tidy[(tidy["id"] == id_) & (tidy["test_perturbation"] == "")]
+    keys = [c for c in table.columns if c in part.columns and c != "class"]
+    links = {}
+    for i, row in table.reset_index(drop=True).iterrows():
+        sel = part
+        for k in keys:
+            sel = sel[sel[k].map(_key) == _key(row[k])]
+        if sel.empty:
+            continue
+        run_dir = sel["run_dir"].iloc[0]
+        rel = os.path.relpath(run_dir, out)
+        target = f"{rel}/report.md" if (Path(run_dir) / "report.md").exists() else rel
+        for c in table.columns:
+            if c not in keys:
+                links[(i, str(c))] = target
+    return links
+
+
+def _key(v: Any) -> str:
+    """Compare grid values across tables: 2, 2.0 and "2" are the same point."""
+    try:
+        f = float(v)
+        return str(int(f)) if f == int(f) else str(f)
+    except (TypeError, ValueError, OverflowError):
+        return str(v)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for p in PACKAGES:
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def _commit() -> str:
+    try:
+        res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return res.stdout.strip() or "unknown (not a git checkout)"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git not available)"
+
+
+def methods_text(runs: list[RunRecord]) -> str:
+    """A methods paragraph from the resolved configs (models, sizes, splits, seeds, software)."""
+    if not runs:
+        return "No finished runs."
+    cfgs = [r.config for r in runs if r.config]
+    pick = lambda f: sorted({str(f(c)) for c in cfgs})  # noqa: E731
+    models = pick(lambda c: c["model"]["name"])
+    sizes = pick(lambda c: c["image"]["size"])
+    ratios = pick(lambda c: c["split"]["ratios"])
+    seeds = pick(lambda c: c["train"]["seeds"])
+    epochs = pick(lambda c: c["train"]["max_epochs"])
+    boot = pick(lambda c: c["evaluate"]["n_bootstrap"])
+    weights = sorted({Path(c["model"]["weights"]).name if c["model"].get("weights") else "random initialisation"
+                      for c in cfgs})
+    aug = pick(lambda c: "flip {flip}, rotation ±{rotate}°, zoom ±{zoom}".format(**c["train"]["augment"]))
+    targets = sorted({r.attribute for r in runs})
+    datasets = sorted({r.dataset for r in runs})
+    v = _versions()
+    return (f"We trained {len(runs)} model(s) to predict {', '.join(targets)} from images of {', '.join(datasets)}. "
+            f"Architectures: {', '.join(models)} ({', '.join(weights)}), input {', '.join(sizes)} px, "
+            f"augmentation {'; '.join(aug)}. Patients were split (by patient, stratified by the target) with ratios "
+            f"{', '.join(ratios)} and split seed {', '.join(pick(lambda c: c['split']['seed']))}; training seed(s) "
+            f"{', '.join(seeds)}; Adam (lr {', '.join(pick(lambda c: c['train']['lr']))}), at most {', '.join(epochs)} "
+            f"epochs with early stopping on validation loss (patience "
+            f"{', '.join(pick(lambda c: c['train']['early_stopping_patience']))}), the best checkpoint tested. "
+            f"One-vs-rest ROC-AUC per class on the held-out test split with 95% confidence intervals by "
+            f"patient-clustered bootstrap ({', '.join(boot)} replicates). Software: readingrace {v['readingrace']}, "
+            f"torch {v['torch']}, MONAI {v['monai']}, Lightning {v['lightning']}, scikit-learn {v['scikit-learn']}.")
+
+
+def _cohort_parts(runs: list[RunRecord], out: Path) -> list[tuple[str, str, str]]:
+    """Per dataset (first run): demographics table and exclusion flow figure -> (title, html, md)."""
+    from readingrace.cohort.manifest import Manifest
+    from readingrace.report.figures import plot_flow
+
+    parts, seen = [], set()
+    for r in runs:
+        key = (r.dataset, r.attribute)
+        if key in seen or not (r.run_dir / "cohort.csv").is_file():
+            continue
+        seen.add(key)
+        cohort = pd.read_csv(r.run_dir / "cohort.csv", low_memory=False)
+        cohort = cohort.drop(columns=[c for c in ("patient_id", "path", "image_id", "study_id") if c in cohort])
+        target = r.attribute if r.attribute in cohort else r.metrics.get("target", "race")
+        counts = cohort.groupby(["split", target]).size().unstack(fill_value=0)
+        demo = demographics_table(cohort, target)
+        h = [f"<h3>{html.escape(r.dataset)} ({html.escape(target)})</h3>", "<p>Images per split and class:</p>",
+             _html_table(counts.reset_index())]
+        m = [f"### {r.dataset} ({target})", "", "Images per split and class:", "", md_table(counts.reset_index()), ""]
+        if not demo.empty:
+            h += ["<p>Table 1: characteristics by class (images, % of the class):</p>", _html_table(demo)]
+            m += ["Table 1: characteristics by class (images, % of the class):", "", md_table(demo), ""]
+        if (r.run_dir / "manifest.json").is_file():
+            man = Manifest.read(r.run_dir / "manifest.json")
+            flow = man.flow_table()
+            png = out / f"flow-{r.dataset}-{target}.png"
+            if plot_flow(flow, png, title=f"{r.dataset}: exclusion flow"):
+                h.append(_img_tag(png, f"exclusion flow {r.dataset}"))
+                m += [f"![exclusion flow]({png.name})", ""]
+            if not flow.empty:
+                cols = ["step", "images_before", "patients_before", "images_after", "patients_after", "detail"]
+                h.append(_html_table(flow[cols]))
+                m += [md_table(flow[cols]), ""]
+            skips = man.skip_counts()
+            if skips:
+                text = "Skipped files by reason: " + "; ".join(f"{k}: {v}" for k, v in skips.items())
+                h.append(f"<p class='note'>{html.escape(text)}</p>")
+                m += [text, ""]
+        parts.append((f"{r.dataset} ({target})", "\n".join(h), "\n".join(m)))
+    return parts
+
+
+def _provenance(runs: list[RunRecord]) -> tuple[str, str]:
+    from readingrace.cohort.manifest import Manifest
+
+    inputs: dict[str, str] = {}
+    for r in runs:
+        if (r.run_dir / "manifest.json").is_file():
+            for e in Manifest.read(r.run_dir / "manifest.json").inputs:
+                if e.get("sha256") and len(inputs) < 50:
+                    inputs[e["path"]] = e["sha256"]
+    v = _versions()
+    lines = [f"code commit: {_commit()}", *(f"{k}: {val}" for k, val in v.items()),
+             *(f"input {k}: sha256 {val}" for k, val in sorted(inputs.items())),
+             *(f"run {r.id} / {r.label}: fingerprint {r.config.get('fingerprint', '?')}" for r in runs[:200])]
+    return "<pre>" + html.escape("\n".join(lines)) + "</pre>", "```\n" + "\n".join(lines) + "\n```"
+
+
+def _run_figures(runs: list[RunRecord], out: Path) -> tuple[str, str]:
+    """ROC and training curves (and Grad-CAM galleries) of each run, folded."""
+    h, m = [], []
+    for r in runs:
+        figs = [(r.run_dir / "roc.png", "ROC curves per class"), (r.run_dir / "curves.png", "training curves")]
+        figs += [(p, "Grad-CAM gallery") for g in GALLERY_GLOBS for p in sorted(r.run_dir.glob(g))]
+        figs = [(p, a) for p, a in figs if p.is_file()]
+        if not figs:
+            continue
+        name = f"{r.id} {r.label} ({r.dataset})" if r.label != "baseline" else f"{r.id} ({r.dataset})"
+        h.append(f"<details><summary>{html.escape(name)}: ROC and training curves</summary>"
+                 + "".join(_img_tag(p, f"{a}: {name}") for p, a in figs) + "</details>")
+        rel = os.path.relpath(r.run_dir, out)
+        m.append(f"- {name}: " + ", ".join(f"[{a}]({rel}/{p.relative_to(r.run_dir)})" for p, a in figs))
+    return "\n".join(h), "\n".join(m)
+
+
+def write_report(inputs: list[str | Path], *, out: str | Path) -> dict[str, Path]:
+    """Write ``report.html`` (self-contained) and ``report.md`` (+ figures, tables) into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    col: Collected = collect(list(inputs), out=out / "tables")
+    tidy = col.tidy
+    runs = sorted(col.runs, key=lambda r: (r.family, r.id, r.dataset, str(r.point)))
+    roots = [Path(p) for p in inputs if Path(p).is_dir()]
+    tabular = [(e, root / e["run_dir"]) for e in col.index if e.get("kind") == "confounders"
+               and e.get("status") == "done" for root in roots if (root / e["run_dir"] / "confounders.md").is_file()]
+    families = sorted({r.family for r in runs} | {e.get("family", "B") for e, _ in tabular})
+    tables = experiment_tables(tidy) if not tidy.empty else {}
+    H = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>readingrace report</title>"
+         f"<style>{CSS}</style></head><body>", "<h1>readingrace report</h1>",
+         f"<p>{len(runs)} finished run(s); every AUC is given with its 95% confidence interval and links to the "
+         "run folder that produced it. Image galleries show pixels: burned-in annotations in the source images "
+         "would show too.</p>"]
+    M = ["# readingrace report", "", f"{len(runs)} finished run(s); every AUC with its 95% CI.", ""]
+    H.append("<section id='cohort'><h2>Cohort</h2>")
+    M += ["## Cohort", ""]
+    for _, h, m in _cohort_parts(runs, out):
+        H.append(h)
+        M += [m, ""]
+    H.append("</section>")
+    for fam in families:
+        title, paper = FAMILIES.get(fam, (fam, ""))
+        fam_runs = [r for r in runs if r.family == fam]
+        H.append(f"<section id='family-{html.escape(fam)}'><h2>{html.escape(title)}</h2>"
+                 f"<p class='note'>Laid out like the paper's {html.escape(paper)}.</p>")
+        M += [f"## {title}", "", f"Laid out like the paper's {paper}.", ""]
+        for id_ in sorted({r.id for r in fam_runs}):
+            r0 = next(r for r in fam_runs if r.id == id_)
+            for key in (id_, f"{id_} (test-time)"):
+                if key not in tables:
+                    continue
+                t = tables[key]
+                head = f"{key}: {r0.title}" if r0.title else key
+                links = _run_links(t, tidy, id_, out) if key == id_ else {}
+                H += [f"<h3 id='exp-{html.escape(key.replace(' ', '-'))}'>{html.escape(head)}</h3>",
+                      _html_table(t, links)]
+                M += [f"### {head}", "", md_table(t), ""]
+        for e, run_dir in tabular:
+            if e.get("family") != fam:
+                continue
+            text = (run_dir / "confounders.md").read_text()
+            rel = os.path.relpath(run_dir, out)
+            H += [f"<h3>{html.escape(e['id'])}: {html.escape(e.get('title', ''))} ({html.escape(e['dataset'])})</h3>",
+                  f"<p class='note'>Tabular analyses, no images; <a href=\"{html.escape(rel)}/confounders.md\">"
+                  "run folder</a>.</p>", f"<pre>{html.escape(text)}</pre>"]
+            M += [f"### {e['id']}: {e.get('title', '')} ({e['dataset']})", "", f"[run folder]({rel})", "", text, ""]
+        for fig in FAMILY_FIGURES.get(fam, []):
+            p = col.files.get(fig)
+            if p and p.is_file():
+                H.append(_img_tag(p, fig))
+                M += [f"![{fig}](tables/{p.name})", ""]
+        H.append("</section>")
+    failed = [e for e in col.index if e.get("status") not in ("done", "planned")] + col.skipped
+    if failed:
+        df = pd.DataFrame([{"experiment": e.get("id"), "dataset": e.get("dataset") or "",
+                            "point": e.get("label", ""), "status": e.get("status", "skipped"),
+                            "reason": str(e.get("reason", ""))[:300]} for e in failed])
+        H += ["<section id='not-run'><h2>Not run, skipped or failed</h2>", _html_table(df), "</section>"]
+        M += ["## Not run, skipped or failed", "", md_table(df), ""]
+    fh, fm = _run_figures(runs, out)
+    H += ["<section id='runs'><h2>ROC curves per class and training curves</h2>", fh, "</section>"]
+    M += ["## ROC curves and training curves", "", fm, ""]
+    methods = methods_text(runs)
+    ph, pm = _provenance(runs)
+    H += ["<section id='methods'><h2>Methods</h2>", f"<p>{html.escape(methods)}</p></section>",
+          "<section id='provenance'><h2>Provenance</h2>", ph, "</section></body></html>"]
+    M += ["## Methods", "", methods, "", "## Provenance", "", pm, ""]
+    write_atomic(out / "report.html", "\n".join(H))
+    write_atomic(out / "report.md", "\n".join(M))
+    return {"html": out / "report.html", "markdown": out / "report.md"}
