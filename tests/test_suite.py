@@ -161,7 +161,11 @@ def test_suite_on_nih_plan_when_present():
     if not NIH.is_dir():
         pytest.skip("shared NIH sample not present")
     plan = expand_suite(PAPER, data={"nih": str(NIH)}, budget="small", attribute="sex")
-    assert len(plan.runs) == 63  # C1 32, C2 8, C4 18, A1, B3, B4, B5, C3
+    assert len(plan.runs) == 68  # C1 32, C2 8, C4 18, A1, B3, B4, B5, C3, B5 within 5 age groups
+    within = [r for r in plan.runs if r.id == "B5-within-age"]
+    assert [r.config["cohort"]["where"] for r in within] == [{"age_group": g} for g in
+                                                            ("0-20", "20-40", "40-60", "60-80", "80+")]
+    assert not [r for r in plan.runs if r.id == "B5-within-sex"]   # sex is the target: no within-sex runs
 
 
 def test_cli_suite_dry_run_writes_the_index(tmp_path, capsys):

@@ -222,8 +222,27 @@ def grid_points(name: str | list[dict[str, Any]], *, params: dict[str, Any], bas
         op = "drop_cell" if name == "c4_drop" else "keep_cell"
         return [(f"{op.split('_')[0]} ({r},{c})", {"op": op.split("_")[0], "row": r, "col": c},
                  _perturb({"name": op, "row": r, "col": c})) for r, c in paper_cells()]
+    if name.startswith("within_"):
+        # B1/B5: a model trained and tested within each stratum (cohort.where); none when the
+        # stratum is the target itself (one class)
+        column = name[len("within_"):]
+        if column not in STRATUM_LEVELS:
+            raise ConfigError(f"suite grid {name!r}: stratify by one of {sorted(STRATUM_LEVELS)}")
+        if base.get("cohort", {}).get("target") == column:
+            return []
+        levels = params.get(f"{column}_levels", STRATUM_LEVELS[column])
+        return [(f"within {column}={v}", {column: v}, {"cohort": {"where": {column: v}}}) for v in levels]
     raise ConfigError(f"unknown suite grid {name!r}; known: none, architectures, c1_lowpass, c1_highpass, "
-                      "c1_bandpass, c1_notch, c2_resolution, c2_noise_blur, b4_clip, c4_drop, c4_keep, or a list")
+                      "c1_bandpass, c1_notch, c2_resolution, c2_noise_blur, b4_clip, c4_drop, c4_keep, "
+                      "within_age_group, within_sex, within_bmi_group, or a list")
+
+
+#: Strata for training within groups (B1 BMI, B5 age and sex); half-open bins as in SPEC.
+STRATUM_LEVELS: dict[str, list[str]] = {
+    "age_group": ["0-20", "20-40", "40-60", "60-80", "80+"],
+    "sex": ["F", "M"],
+    "bmi_group": ["<18.5", "18.5-25", "25-30", ">=30"],
+}
 
 
 def _label_cols(source: str) -> list[str]:
