@@ -342,3 +342,16 @@ def test_real_nih_sex_from_findings_near_chance():
     row = res["auc_table"].set_index("class").loc["M"]
     assert 0.4 < row["auc"] < 0.7  # findings say little about sex
     assert row["auc_ci_low"] < row["auc"] < row["auc_ci_high"]
+
+
+def test_chi_square_skips_the_target_as_its_own_stratum():
+    import numpy as np
+    import pandas as pd
+
+    from readingrace.stats.confounders import run_confounders
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"patient_id": [f"p{i}" for i in range(60)], "sex": rng.choice(["F", "M"], 60),
+                       "view": rng.choice(["AP", "PA"], 60)})
+    out = run_confounders(df, {"analyses": ["chi_square"], "target": "sex", "strata": ["view", "sex"]})
+    assert [r["stratum"] for r in out["analyses"]["chi_square"]] == ["view"]

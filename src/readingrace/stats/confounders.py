@@ -733,6 +733,7 @@ def run_confounders(df: pd.DataFrame, spec: Mapping[str, Any]) -> dict[str, Any]
         strata = spec.get("strata", ["bmi_group"])
         if isinstance(strata, str):
             strata = [strata]
+        strata = [s for s in strata if s != target]   # the attribute against itself tells nothing
         data = _with_derived(df, strata, bmi_col=spec.get("bmi_col", "bmi"), age_col=spec.get("age_col", "age"))
         out["analyses"]["chi_square"] = [
             chi_square(data, attribute=target, stratum=s, unit=spec.get("chi_square_unit", "images"),
