@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from readingrace.config import AugmentConfig, TrainConfig
 from readingrace.errors import CohortError, ConfigError, SplitError
 from readingrace.models import build_model
+from readingrace.predict import image_batches
 from readingrace.split import check_no_leakage, check_ratios, split_patients
 from readingrace.train import (
     INPUT_MEAN,
@@ -47,6 +48,7 @@ from readingrace.train import (
     EpochSampler,
     TrainResult,
     fit_resumable,
+    paper_optimizer,
     augment_batch,
     quiet_lightning,
     train_model,
@@ -167,10 +169,7 @@ class MultiLabelClassifier(L.LightningModule):
         self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
 
     def configure_optimizers(self):  # noqa: D102
-        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=self.hparams.lr_factor, patience=self.hparams.lr_patience)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
+        return paper_optimizer(self)
 
 
 def train_multilabel(
@@ -231,11 +230,8 @@ def predict_multilabel(model: MultiLabelClassifier, images: np.ndarray, index: n
     was = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(index), batch_size):
-        idx = np.asarray(index[start:start + batch_size])
-        x = torch.from_numpy(np.asarray(images[idx], dtype=np.float32)).unsqueeze(1).to(device)
-        out.append(torch.sigmoid(model(x).float()).cpu().numpy())
+    out = [torch.sigmoid(model(x).float()).cpu().numpy()
+           for x, _ in image_batches(images, index, batch_size=batch_size, device=device)]
     model.train(was)
     n = len(model.hparams.label_names)
     return np.concatenate(out) if out else np.zeros((0, n), dtype=np.float32)

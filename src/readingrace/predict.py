@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from readingrace.train import ImageClassifier
+
+
+def image_batches(images: np.ndarray, index: np.ndarray, *, batch_size: int,
+                  device: torch.device) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """``images[index]`` in order as (B, 1, H, W) float32 tensors on ``device``, with their indices."""
+    for start in range(0, len(index), batch_size):
+        idx = np.asarray(index[start:start + batch_size])
+        yield torch.from_numpy(np.asarray(images[idx], dtype=np.float32)).unsqueeze(1).to(device), idx
 
 
 @torch.no_grad()
@@ -24,9 +32,7 @@ def predict_proba(
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(index), batch_size):
-        idx = np.asarray(index[start:start + batch_size])
-        x = torch.from_numpy(np.asarray(images[idx], dtype=np.float32)).unsqueeze(1).to(device)
+    for x, idx in image_batches(images, index, batch_size=batch_size, device=device):
         x = model.prepare_input(x, idx)
         if transform is not None:
             x = transform(x, idx)

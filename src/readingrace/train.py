@@ -143,10 +143,15 @@ class ImageClassifier(L.LightningModule):
         self.log("val_acc", acc, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
 
     def configure_optimizers(self):  # noqa: D102
-        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=self.hparams.lr_factor, patience=self.hparams.lr_patience)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
+        return paper_optimizer(self)
+
+
+def paper_optimizer(module: L.LightningModule) -> dict:
+    """Adam at ``hparams.lr``; LR x ``lr_factor`` after ``lr_patience`` epochs without val-loss improvement."""
+    opt = torch.optim.Adam(module.parameters(), lr=module.hparams.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=module.hparams.lr_factor, patience=module.hparams.lr_patience)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
 
 
 @dataclass
