@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,8 +21,6 @@ from readingrace.explain.lungs import (
     read_pairs_csv,
     train_lung_unet,
 )
-
-PEDIATRIC = Path(__file__).resolve().parents[2] / "shared" / "data" / "lung-masks-pediatric"
 
 
 @pytest.fixture
@@ -139,10 +135,11 @@ def test_pairs_files_are_read_and_checked(tmp_path):
         LungUNet(size=36)
 
 
-def test_real_pediatric_pairs_brief_training(one_thread):
-    if not (PEDIATRIC / "pairs.csv").exists():
+def test_real_pediatric_pairs_brief_training(one_thread, shared_data):
+    pairs_csv = shared_data / "lung-masks-pediatric" / "pairs.csv"
+    if not pairs_csv.exists():
         pytest.skip("shared pediatric lung-mask data not present")
-    pairs = read_pairs_csv(PEDIATRIC / "pairs.csv").iloc[:150]
+    pairs = read_pairs_csv(pairs_csv).iloc[:150]
     _, report = train_lung_unet(pairs, size=64, epochs=5, seed=2021, batch_size=8, num_res_units=0)
     assert report["n_heldout"] == 30
     # measured 0.88 (5 epochs, 120 training pairs at 64 px); the full script reaches ~0.95

@@ -39,10 +39,11 @@ def _png(path: Path) -> None:
     plt.close(fig)
 
 
-def _run(root: Path, rel: str, auc: float, *, perturb=None) -> None:
+def _run(root: Path, rel: str, auc: float, *, perturb=None, name: str | None = None) -> None:
     d = root / rel
     d.mkdir(parents=True)
     cfg = ExperimentConfig()
+    cfg.name = name or cfg.name
     cfg.cohort.target = "sex"
     cfg.perturb.train = perturb or []
     (d / "config.yaml").write_text(yaml.safe_dump({"fingerprint": cfg.fingerprint(), **cfg.to_dict()}))
@@ -88,7 +89,10 @@ def test_collect_merges_shards_into_tables_and_figures(suite_dir, tmp_path):
     assert macro.loc[("C1-lowpass", 50), "auc"].item() == pytest.approx(0.625)
     c4 = pd.read_csv(tmp_path / "tables" / "C4-drop.csv")
     assert len(c4) == 9
-    assert c4.loc[(c4["row"] == 2) & (c4["col"] == 2), "macro"].item() == "0.840 [0.790, 0.890]"
+    # two classes: their one-vs-rest AUCs and the macro are one number, shown once
+    (auc_col,) = [c for c in c4.columns if c.startswith("AUC (")]
+    assert auc_col == "AUC (Female vs Male)"
+    assert c4.loc[(c4["row"] == 2) & (c4["col"] == 2), auc_col].item() == "0.840 [0.790, 0.890]"
     for name in ("C1-cutoff.png", "C4-cells.png", "results.csv"):
         assert (tmp_path / "tables" / name).stat().st_size > 500, name
     assert "| nih | 50 | 0.625 [0.575, 0.675] |" in (tmp_path / "tables" / "C1-lowpass.md").read_text()
@@ -133,8 +137,8 @@ def browser_check(html_path: Path, tmp_path: Path) -> tuple[dict, str]:
     cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
            "--virtual-time-budget=10000", "--dump-dom", page.as_uri()]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    m = re.search(r'<pre id="rr-check">(.*?)</pre>', res.stdout, re.S)
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+    m = re.search(r'<pre id="rr-check">(.*?)</pre>', res.stdout, re.DOTALL)
     assert m, f"chromium gave no verdict (rc {res.returncode}): {res.stderr[-2000:]}"
     return json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&")), res.stderr
 
@@ -164,3 +168,163 @@ def test_cli_report_and_collect(suite_dir, tmp_path):
     assert main(["collect", str(suite_dir), "-o", str(tmp_path / "c")]) == 0
     assert len(pd.read_csv(tmp_path / "c" / "results.csv")) == 13 * 3
     assert main(["report", str(tmp_path / "nothing"), "-o", str(tmp_path / "r2")]) == 2
+
+
+# -- reference model, confounder tables, ad-hoc captions, AUC by slice position ---------------------------
+def _slice_predictions() -> pd.DataFrame:
+    """Per slice decile k: 20 Black and 20 White images; AUC(Black) = AUC(White) = 0.5 + 0.05 k exactly.
+
+    White images score prob_Black 0.5; of the Black images, 10 + k score 0.9 and the rest 0.1.
+    Decile 0 is the null case (AUC 0.5).
+    """
+    rows = []
+    for k in range(10):
+        for j in range(20):
+            rows.append({"label": "White", "prob_Black": 0.5, "slice_decile": k})
+            rows.append({"label": "Black", "prob_Black": 0.9 if j < 10 + k else 0.1, "slice_decile": k})
+    df = pd.DataFrame(rows)
+    df["prob_White"] = 1.0 - df["prob_Black"]
+    df["image_id"] = [f"img{i}" for i in range(len(df))]
+    df["patient_id"] = [f"pt{i}" for i in range(len(df))]
+    return df
+
+
+def test_auc_by_slice_position_has_the_planted_values(tmp_path):
+    from readingrace.report.figures import plot_slice_position, slice_position_table
+    from readingrace.stats.metrics import evaluate_predictions
+
+    metrics = evaluate_predictions(_slice_predictions(), strata=["slice_decile"], n_bootstrap=200)
+    table = slice_position_table(metrics)
+    assert sorted(table["decile"].unique()) == list(range(10))
+    for cls in ("Black", "White", "macro"):
+        got = table[table["class"] == cls].set_index("decile")["auc"]
+        assert got.to_dict() == pytest.approx({k: 0.5 + 0.05 * k for k in range(10)}), cls
+    assert (table["ci_lo"] <= table["auc"] + 1e-12).all() and (table["auc"] <= table["ci_hi"] + 1e-12).all()
+    assert (table["n_images"] == 40).all()
+    null = table[(table["decile"] == 0) & (table["class"] == "macro")].iloc[0]
+    assert null["ci_lo"] < 0.5 < null["ci_hi"]  # decile 0: chance, and its CI says so
+    assert plot_slice_position(metrics, tmp_path / "slices.png")
+    assert (tmp_path / "slices.png").stat().st_size > 5000
+    assert not plot_slice_position({"strata": {"view": {}}}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_report_reference_confounder_tables_and_captions(suite_dir, tmp_path):
+    from readingrace.stats.confounders import run_confounders, write_confounders
+    from readingrace.stats.metrics import evaluate_predictions, to_json_dict
+
+    # an ad-hoc run (not from a suite) with the thumbnail reference and its paired difference
+    _run(tmp_path, "adhoc", 0.81, name="my-sex-model")
+    m = json.loads((tmp_path / "adhoc" / "metrics.json").read_text())
+    m["reference"] = {**_metrics(0.52), "name": "logistic regression on 32x32 thumbnails", "C": 0.01,
+                      "macro_auc_ci": [0.45, 0.59]}
+    m["cnn_vs_reference"] = {"macro_difference": 0.29, "macro_difference_ci": [0.2, 0.38],
+                             "per_class": {c: {"difference": 0.29, "difference_ci": [0.2, 0.38]} for c in CLASSES}}
+    (tmp_path / "adhoc" / "metrics.json").write_text(json.dumps(m))
+    # a CT run evaluated by slice decile
+    _run(tmp_path, "ct-run", 0.7, name="my-ct-model")
+    ct = to_json_dict(evaluate_predictions(_slice_predictions(), strata=["slice_decile"], n_bootstrap=50))
+    (tmp_path / "ct-run" / "metrics.json").write_text(json.dumps({**ct, "target": "sex"}))
+    # a B3-style confounder run in the suite, written by the real writer
+    rng = np.random.default_rng(1)
+    df = pd.DataFrame({"patient_id": [f"p{i}" for i in range(200)], "sex": rng.choice(["F", "M"], 200),
+                       "age": rng.uniform(20, 80, 200)})
+    rel = "B3/nih/00000000000000b3"
+    write_confounders(run_confounders(df, {"analyses": ["chi_square"], "target": "sex", "strata": ["age_group"]}),
+                      suite_dir / rel)
+    index = json.loads((suite_dir / "suite-2-of-2.json").read_text())
+    index["entries"].append({"id": "B3", "family": "B", "title": "Disease labels", "paper": "", "kind": "confounders",
+                             "dataset": "nih", "attribute": "sex", "label": "B3", "point": {},
+                             "fingerprint": "00000000000000b3", "run_dir": rel, "status": "done", "reason": ""})
+    (suite_dir / "suite-2-of-2.json").write_text(json.dumps(index))
+
+    paths = write_report([suite_dir, tmp_path / "adhoc", tmp_path / "ct-run"], out=tmp_path / "rep")
+    text, md = paths["html"].read_text(), paths["markdown"].read_text()
+    # 1: reference AUC [CI] and the paired difference beside the CNN's, in HTML and Markdown alike
+    for doc in (text, md):
+        assert "reference macro AUC [95% CI]" in doc and "CNN - reference, macro [95% CI]" in doc
+        assert "0.520 [0.450, 0.590]" in doc and "0.290 [0.200, 0.380]" in doc
+    assert "0.810 [0.760, 0.860]" in text
+    assert "reference macro AUC" not in text.split("id='family-runs'")[0]  # suite runs have no reference
+    # 2: the confounder results as real tables, linked to the run folder
+    b3 = text[text.index("<h3>B3"):]
+    b3 = b3[:b3.index("</section>")]
+    assert "<pre>" not in b3 and "<table><tr><th>sex</th><th>20-40</th>" in b3
+    assert f'href="../suite/{rel}"' in b3 and "Chi-square: sex by age_group" in b3
+    assert "#### Chi-square: sex by age_group" in md or "##### Chi-square: sex by age_group" in md
+    # 3: ad-hoc runs: no paper caption; suite families keep theirs
+    runs_section = text[text.index("id='family-runs'"):]
+    runs_section = runs_section[:runs_section.index("</section>")]
+    assert "Laid out like the paper" not in runs_section and "Laid out like the paper's ." not in text
+    assert "Laid out like the paper's Tables 7 and 8." in text and "Laid out like the paper's ." not in md
+    # 4: AUC by slice position from the CT run's strata metrics, embedded in the page
+    assert "AUC by slice position" in runs_section and runs_section.count("<img") == 1
+    assert len(list((tmp_path / "rep").glob("slice-position-*.png"))) == 1
+
+
+def test_run_table_shows_reference_and_paired_difference():
+    from readingrace.report.markdown import metrics_table
+    from readingrace.stats.metrics import compare_predictions, evaluate_predictions
+
+    cnn = _slice_predictions()
+    ref = cnn.assign(prob_Black=0.5, prob_White=0.5)  # a reference at chance: every score tied
+    kw = {"n_bootstrap": 100}
+    table = metrics_table(evaluate_predictions(cnn, **kw), evaluate_predictions(ref, **kw),
+                          compare_predictions(cnn, ref, **kw)).set_index("class")
+    assert table.loc["**macro**", "reference AUC [95% CI]"].startswith("0.500")
+    assert table.loc["**macro**", "AUC [95% CI]"].startswith("0.725")   # 145 of 200 Black images score 0.9
+    assert table.loc["**macro**", "CNN - reference [95% CI]"].startswith("0.225")
+    assert table.loc["Black", "CNN - reference [95% CI]"].startswith("0.225")
+    assert "CNN - reference [95% CI]" not in metrics_table(evaluate_predictions(cnn, **kw)).columns
+
+
+def _external_inputs(suite_dir: Path, tmp_path: Path) -> Path:
+    """External cells two ways: in a suite index (one done, one waiting) and a `readingrace external` folder."""
+    from readingrace.experiments.external import cell_record, write_matrix
+
+    a1 = next(p for p in (suite_dir / "A1" / "nih").iterdir())
+    cell = suite_dir / "A1-ext" / "nih__on__mimic" / "abc"
+    cell.mkdir(parents=True)
+    (cell / "metrics.json").write_text(json.dumps({**_metrics(0.812), "input_mode": "stretch", "notes": []}))
+    base = {"id": "A1-ext", "family": "A", "title": "external", "paper": "Table 3 (external)", "kind": "external",
+            "attribute": "sex", "point": {}, "seconds": 1.0}
+    entries = [{**base, "dataset": "mimic", "label": "nih -> mimic", "fingerprint": "abc", "trained_on": "nih",
+                "tested_on": "mimic", "trained_run_dir": str(a1.relative_to(suite_dir)),
+                "run_dir": "A1-ext/nih__on__mimic/abc", "status": "done", "reason": ""},
+               {**base, "dataset": "nih", "label": "mimic -> nih", "fingerprint": "def", "trained_on": "mimic",
+                "tested_on": "nih", "trained_run_dir": "A1-ext/mimic/123", "run_dir": "A1-ext/mimic__on__nih/def",
+                "status": "waiting",
+                "reason": "trained run on mimic not finished: run its shard first, then rerun this command"}]
+    (suite_dir / "suite-3-of-3.json").write_text(json.dumps({"entries": entries, "skipped": []}))
+    ext = tmp_path / "ext"
+    (ext / "nih__on__site").mkdir(parents=True)
+    (ext / "nih__on__site" / "metrics.json").write_text(json.dumps(_metrics(0.55)))
+    cells = [cell_record(_metrics(0.7), trained_on="nih", tested_on="nih", internal=True, input_mode="stretch",
+                         cell_dir=Path("..") / suite_dir.name / a1.relative_to(suite_dir)),
+             cell_record({**_metrics(0.55), "notes": ["class 'X' of the model is absent from site: NaN"]},
+                         trained_on="nih", tested_on="site", input_mode="pad", cell_dir="nih__on__site")]
+    write_matrix(cells, ext)
+    return ext
+
+
+def test_report_with_external_cells_has_the_matrix_section(suite_dir, tmp_path):
+    ext = _external_inputs(suite_dir, tmp_path)
+    col = collect([suite_dir, ext], out=tmp_path / "tables")
+    assert sorted(col.external) == ["A1-ext (sex)", "ext"]
+    suite_cells = {(c["trained_on"], c["tested_on"]): c for c in col.external["A1-ext (sex)"]}
+    assert suite_cells[("nih", "nih")]["internal"] and suite_cells[("nih", "nih")]["macro_auc"] == 0.7
+    assert suite_cells[("nih", "mimic")]["macro_auc"] == 0.812 and suite_cells[("mimic", "nih")]["status"] == "waiting"
+    assert len(col.runs) == 13  # external cells are not trained runs
+    paths = write_report([suite_dir, ext], out=tmp_path / "rep")
+    text, md = paths["html"].read_text(), paths["markdown"].read_text()
+    assert "id='external-validation'" in text
+    assert "\n### External validation" in md and "#### A1-ext (sex)" in md and "#### ext" in md
+    for t in (text, md):
+        assert "0.812 [0.762, 0.862]" in t and "0.700 [0.650, 0.750] (internal)" in t and "n/a (waiting)" in t
+    assert 'href="../suite/A1-ext/nih__on__mimic/abc"' in text and 'href="../ext/nih__on__site"' in text
+    assert "class &#x27;X&#x27; of the model is absent" in text
+    assert "not finished: run its shard first" in text  # the waiting cell is listed with its reason
+    if _chromium() is not None:
+        verdict, _ = browser_check(paths["html"], tmp_path)
+        assert verdict["broken"] == 0 and verdict["errors"] == [], verdict
+        assert {"family-A", "external-validation"} <= set(verdict["ids"].split(",")), verdict

@@ -1,4 +1,4 @@
-"""The paper suite: expansion of configs/paper, content addresses, shards, collect, and the controls.
+"""The paper suite: expansion of the shipped paper suite, content addresses, shards, collect, and the controls.
 
 The controls train tiny models on generated cohorts with a planted signal and check that the grids
 find it where it is (and only there); they take about a minute each on 2 quiet cores.
@@ -12,10 +12,16 @@ from pathlib import Path
 import pytest
 
 from readingrace.errors import ConfigError
-from readingrace.experiments.suite import expand_suite, parse_data, parse_shard, run_suite, shard
+from readingrace.experiments.suite import (
+    expand_suite,
+    parse_data,
+    parse_shard,
+    run_suite,
+    shard,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-PAPER = REPO / "configs" / "paper"
+PAPER = REPO / "src" / "readingrace" / "configs" / "paper"
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-cxr14-sample"
 
 
@@ -26,7 +32,8 @@ def _ids(plan, id_):
 def test_full_grid_matches_the_paper():
     plan = expand_suite(PAPER, data={"mimic": "/data/mimic"})
     assert [r.point["d"] for r in _ids(plan, "C1-lowpass")] == [1, 5, 10, 25, 50, 75, 100, 125, 150, 200]
-    assert len(_ids(plan, "C1-highpass")) == 10
+    # high-pass d = 200 keeps nothing even at 224 px (the spectrum's corners lie at radius ~158): skipped
+    assert [r.point["d"] for r in _ids(plan, "C1-highpass")] == [1, 5, 10, 25, 50, 75, 100, 125, 150]
     band = _ids(plan, "C1-bandpass")
     assert len(band) == 21 and len(_ids(plan, "C1-notch")) == 21
     assert all(r.point["d1"] < r.point["d2"] for r in band)
@@ -45,7 +52,26 @@ def test_full_grid_matches_the_paper():
     # what mimic alone cannot run is skipped with a reason
     reasons = {(s.id, s.dataset): s.reason for s in plan.skipped}
     assert "hand" in reasons[("A2-hand", None)]
-    assert "probe" in reasons[("A3", "mimic")]
+    # A3 is one run per dataset: pathology model, probes, direct model on one 80/10/10 split
+    (a3,) = _ids(plan, "A3")
+    assert a3.kind == "probe" and a3.config["split"]["ratios"] == [0.8, 0.1, 0.1]
+    assert a3.config["disease"]["labels"] == "chexpert" and a3.config["model"]["name"] == "densenet121"
+
+
+def test_a2_keeps_black_and_white_only_when_the_target_is_race():
+    race = expand_suite(PAPER, data={"ct": "/ct"}, only=["A2-ct"])
+    assert race.runs[0].config["cohort"]["where"] == {"race": ["Black", "White"]}
+    sex = expand_suite(PAPER, data={"ct": "/ct"}, only=["A2-ct"], attribute="sex")
+    assert "where" not in sex.runs[0].config["cohort"]
+
+
+def test_a_filter_that_keeps_nothing_at_the_run_size_is_skipped_not_trained():
+    small = expand_suite(PAPER, data={"nih": "/nih"}, budget="small", attribute="sex", only=["C1-highpass"])
+    assert [r.point["d"] for r in small.runs] == [1, 5, 10, 25, 50, 75, 100, 125, 150]
+    (skip,) = small.skipped
+    assert skip.id == "C1-highpass" and "highpass d=200" in skip.reason and "keeps no frequency" in skip.reason
+    low = expand_suite(PAPER, data={"nih": "/nih"}, budget="small", attribute="sex", only=["C1-lowpass"])
+    assert len(low.runs) == 10 and not low.skipped
 
 
 def test_small_budget_and_attribute():
@@ -139,7 +165,7 @@ def test_control_lowfreq(tmp_path):
 
 @pytest.mark.slow
 def test_control_marker_cell(tmp_path):
-    cell = lambda op, r, c: {"perturb": {"train": [{"name": op, "row": r, "col": c}]}}  # noqa: E731
+    cell = lambda op, r, c: {"perturb": {"train": [{"name": op, "row": r, "col": c}]}}
     folder = _control_suite(tmp_path, "marker", [cell("drop_cell", 0, 0), cell("keep_cell", 0, 0),
                                                  cell("drop_cell", 2, 2), cell("keep_cell", 2, 2)])
     auc = _aucs(folder, tmp_path)
@@ -179,3 +205,151 @@ def test_cli_suite_dry_run_writes_the_index(tmp_path, capsys):
     assert {e["id"] for e in index["entries"]} <= {"C4-drop", "C4-keep"}
     assert main(["suite", str(PAPER), "--data", "nih", "--dry-run", "-o", str(tmp_path)]) == 2
     assert "NAME=PATH" in capsys.readouterr().err
+
+
+# -- A1-ext: external validation cells ----------------------------------------------------------------
+def test_external_plan_two_datasets_every_ordered_pair():
+    plan = expand_suite(PAPER, data={"mimic": "/x", "chexpert": "/y"}, budget="small", only=["A1-ext"])
+    train = [r for r in plan.runs if r.kind == "train"]
+    cells = [r for r in plan.runs if r.kind == "external"]
+    assert sorted(r.dataset for r in train) == ["chexpert", "mimic"] and {r.id for r in train} == {"A1-ext"}
+    assert sorted((r.trained_on, r.tested_on) for r in cells) == [("chexpert", "mimic"), ("mimic", "chexpert")]
+    assert plan.runs[-2:] == cells  # cells after every training run of the plan
+    by_ds = {r.dataset: r for r in train}
+    for c in cells:
+        assert c.trained_run_dir == by_ds[c.trained_on].run_dir
+        assert c.config == by_ds[c.tested_on].config  # the test split is the tested dataset's own run's
+        assert c.run_dir == f"A1-ext/{c.trained_on}__on__{c.tested_on}/{c.fingerprint}"
+        e = c.entry()
+        assert (e["kind"], e["trained_on"], e["tested_on"], e["run_dir"]) == ("external", c.trained_on, c.tested_on,
+                                                                            c.run_dir)
+        assert "config" not in e and "data_root" not in e
+    assert "trained_on" not in train[0].entry()
+    # A1-ext trains what A1's first architecture trains (same budget): with A1 planned too, it is reused
+    both = expand_suite(PAPER, data={"mimic": "/x", "chexpert": "/y"}, budget="small", only=["A1", "A1-ext"])
+    a1 = {r.dataset: r for r in both.runs if r.id == "A1"}
+    assert {r.fingerprint for r in a1.values()} == {r.fingerprint for r in train}
+    assert [r for r in both.runs if r.id == "A1-ext" and r.kind == "train"] == []
+    assert {r.trained_run_dir for r in both.runs if r.kind == "external"} == {r.run_dir for r in a1.values()}
+    full = expand_suite(PAPER, data={"mimic": "/x", "chexpert": "/y"})
+    fps = [r.fingerprint for r in full.runs]
+    assert len(fps) == len(set(fps)) and len([r for r in full.runs if r.kind == "external"]) == 2
+    # one dataset: skipped, with the reason
+    one = expand_suite(PAPER, data={"mimic": "/x"}, only=["A1-ext"])
+    assert one.runs == [] and "two or more datasets" in one.skipped[0].reason
+
+
+def test_synthetic_data_path_may_be_a_yaml_of_site_options(tmp_path):
+    site = tmp_path / "site.yaml"
+    site.write_text("cohort:\n  options: {n_patients: 50, attribute: sex, groups: [F, M], signal: none, seed: 9}\n")
+    plan = expand_suite(PAPER, data={"nih": "/nih", "synthetic": str(site)}, budget="small", attribute="sex",
+                        only=["A1-ext"])
+    gen = next(r for r in plan.runs if r.kind == "train" and r.dataset == "synthetic")
+    assert gen.config["cohort"]["options"]["n_patients"] == 50 and gen.data_root is None  # generated into the cache
+    assert sorted((r.trained_on, r.tested_on) for r in plan.runs if r.kind == "external") == [
+        ("nih", "synthetic"), ("synthetic", "nih")]
+    folder = expand_suite(PAPER, data={"synthetic": str(tmp_path / "gen")}, budget="small", only=["A1"])
+    assert folder.runs[0].data_root == str(tmp_path / "gen")  # a folder: where the images are generated
+    with pytest.raises(ConfigError, match="no such file"):
+        expand_suite(PAPER, data={"synthetic": str(tmp_path / "missing.yaml")}, only=["A1"])
+
+
+def _external_suite(tmp_path: Path) -> Path:
+    """Two generated sites (same planted marker, different scanner look) and an A1-ext-like experiment."""
+    folder = tmp_path / "suite-ext"
+    folder.mkdir()
+    opts = {"n_patients": 300, "images_per_patient": [1, 1], "groups": ["Black", "White"], "signal": "marker",
+            "size": 64}
+    datasets = {
+        "site-a": {"kind": "cxr", "source": "synthetic", "attributes": ["race"],
+                   "config": {"cohort": {"options": {**opts, "seed": 1, "site": "site-a"}}}},
+        "site-b": {"kind": "cxr", "source": "synthetic", "attributes": ["race"],
+                   "config": {"cohort": {"options": {**opts, "seed": 2, "site": "site-b", "appearance": {
+                       "gamma": 1.4, "contrast": 0.8, "noise": 0.03, "blur": 0.5}}}}},
+    }
+    (folder / "_datasets.yaml").write_text(json.dumps(datasets))
+    cfg = {"suite": {"id": "ext", "family": "A", "needs": ["cxr"], "kind": "external", "grid": "none"},
+           "cohort": {"target": "race"},
+           "image": {"size": 64, "cache_dir": str(tmp_path / "cache")}, "model": {"name": "resnet-tiny"},
+           "train": {"batch_size": 32, "max_epochs": 6, "early_stopping_patience": 3, "seeds": [2021],
+                     "precision": "32", "augment": {"flip": False, "rotate": 0, "zoom": 0}},
+           "evaluate": {"n_bootstrap": 200, "reference": False}}
+    (folder / "ext.yaml").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.slow
+def test_suite_runs_external_cells_across_shards(tmp_path):
+    from readingrace.report.collect import collect
+
+    folder = _external_suite(tmp_path)
+    data = {"site-a": str(tmp_path / "gen"), "site-b": str(tmp_path / "gen")}
+    out = tmp_path / "out"
+    plan = expand_suite(folder, data=data)
+    assert [r.kind for r in plan.runs] == ["train", "train", "external", "external"]
+    shard_of = {r.run_dir: i for i in (1, 2, 3, 4) for r in shard(plan.runs, i, 4)}  # one run per shard
+    assert sorted(shard_of.values()) == [1, 2, 3, 4]
+    cells = [r for r in plan.runs if r.kind == "external"]
+    quiet = lambda m: None
+    # a cell's shard first: its trained run lives in another shard and is not finished
+    first = run_suite(folder, data=data, out=out, shard_=(shard_of[cells[0].run_dir], 4), say=quiet)
+    (entry,) = first["entries"]
+    assert entry["status"] == "waiting" and entry["kind"] == "external"
+    assert entry["reason"] == (f"trained run on {cells[0].trained_on} not finished: run its shard first, then rerun "
+                               "this command")
+    for r in plan.runs:  # the training shards
+        if r.kind == "train":
+            idx = run_suite(folder, data=data, out=out, shard_=(shard_of[r.run_dir], 4), say=quiet)
+            assert idx["counts"] == {"done": 1}
+    for c in cells:  # rerun the cell shards: now they run
+        idx = run_suite(folder, data=data, out=out, shard_=(shard_of[c.run_dir], 4), say=quiet)
+        (e,) = idx["entries"]
+        assert e["status"] == "done" and not e["reused"], e
+        assert (e["trained_on"], e["tested_on"], e["run_dir"]) == (c.trained_on, c.tested_on, c.run_dir)
+        assert e["macro_auc"] > 0.8, e  # the marker transfers across scanner looks
+    # collect merges the shards: the matrix has the two cells and the diagonal from the trained runs
+    col = collect([out], out=tmp_path / "tables")
+    (title, matrix), = col.external.items()
+    assert title == "ext (race)"
+    got = {(c["trained_on"], c["tested_on"]): c for c in matrix}
+    assert set(got) == {(x, y) for x in ("site-a", "site-b") for y in ("site-a", "site-b")}
+    for r in plan.runs[:2]:
+        own = json.loads((out / r.run_dir / "metrics.json").read_text())
+        assert got[(r.dataset, r.dataset)]["internal"] and got[(r.dataset, r.dataset)]["macro_auc"] == own["macro_auc"]
+    assert {r.id for r in col.runs} == {"ext"} and len(col.runs) == 2  # cells are not counted as trained runs
+    assert (tmp_path / "tables" / "external-ext_race.png").is_file()
+    # the whole suite again: everything reused, the cells too
+    again = run_suite(folder, data=data, out=out, say=quiet)
+    assert again["counts"] == {"done": 4}
+    assert all(e["reused"] for e in again["entries"])
+
+
+def test_external_cell_blocked_by_a_failed_training_run(tmp_path):
+    folder = _external_suite(tmp_path)
+    data = {"site-a": str(tmp_path / "gen"), "site-b": str(tmp_path / "gen")}
+    # a cohort that cannot be built: both training runs fail, and so the cells say why they cannot run
+    index = run_suite(folder, data=data, out=tmp_path / "out", overrides={"cohort": {"target": "sex", "where": {
+        "sex": "nobody"}}}, say=lambda m: None)
+    status = {e["kind"]: set() for e in index["entries"]}
+    for e in index["entries"]:
+        status[e["kind"]].add(e["status"])
+    assert status == {"train": {"failed"}, "external": {"blocked"}}
+    reasons = [e["reason"] for e in index["entries"] if e["kind"] == "external"]
+    assert all(r.startswith("trained run on site-") and "failed" in r for r in reasons)
+
+
+def test_c3_uses_lung_mask_pairs_when_given_and_says_so_when_not(tmp_path):
+    (tmp_path / "pairs.csv").write_text("image,mask\n")
+    with_masks = expand_suite(PAPER, data={"nih": "/nih", "lungs": str(tmp_path)}, budget="small", attribute="sex",
+                              only=["C3"])
+    (c3,) = with_masks.runs
+    assert c3.config["evaluate"]["lungs"]["unet_pairs"] == str((tmp_path / "pairs.csv").resolve())
+    assert not with_masks.skipped
+    # the lung pairs are not a cohort: no experiment runs on them
+    assert {r.dataset for r in expand_suite(PAPER, data={"nih": "/nih", "lungs": str(tmp_path)}, budget="small",
+                                            attribute="sex").runs} == {"nih"}
+    without = expand_suite(PAPER, data={"nih": "/nih"}, budget="small", attribute="sex", only=["C3"])
+    (c3_plain,) = without.runs
+    assert "lungs" not in c3_plain.config["evaluate"]
+    (note,) = without.skipped
+    assert note.id == "C3 (lung-only, non-lung)" and "--data lungs=" in note.reason

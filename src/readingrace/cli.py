@@ -175,10 +175,12 @@ def report(inputs: Annotated[list[Path], typer.Argument(help="run folder(s) and/
 def predict(run_dir: Annotated[Path, typer.Argument(help="a finished run folder (readingrace run)")],
             data: Annotated[Path, typer.Option("--data", help="config of the other cohort (its cohort: section is used)")],
             data_root: DataRoot = None, out: Out = None,
-            mode: Annotated[Optional[str], typer.Option(help="bring images to the model's input: stretch | pad "
-                                                               "(default: the run's image.mode)")] = None,
+            mode: Annotated[Optional[str], typer.Option(help="bring images to the model's input: stretch (resize to "
+                                                               "a square) | pad (zero-pad to a square first, keeping "
+                                                               "the aspect ratio); default: the run's image.mode")] = None,
             set_: Sets = None) -> None:
-    """External validation: apply a trained run, with its own preprocessing, to another cohort."""
+    """External validation of one pair: apply a trained run, with its own preprocessing, to all images of
+    another cohort (every ordered pair at once: `readingrace external`)."""
     from readingrace.config import load_config
     from readingrace.experiments.external import predict_run
 
@@ -214,6 +216,132 @@ def probe(cohort_config: Annotated[Path, typer.Option("--cohort", help="experime
     run_audit(images=prep.images, cohort=prep.cohort, out_dir=out_dir, targets=targets, model=model, layer=layer,
               arch=arch, features=features, direct_predictions={targets[0]: direct} if direct else None,
               n_bootstrap=n_bootstrap, seed=cfg.split.seed, say=_say)
+    _say(f"wrote {out_dir}")
+
+
+EXTERNAL_HELP = (
+    "External validation (paper Table 4): every trained run tested on every cohort, as one matrix.\n\n"
+    "For every ordered pair (trained on X, tested on Y): X == Y is the run's own internal test (read from its "
+    "metrics.json); otherwise X's model predicts Y into OUT/X__on__Y/ (reused when its inputs are unchanged). A "
+    "--run cohort is tested through that run's test split (its cohort.csv), a --data cohort with all its images. "
+    "Classes are matched by name: a model class absent from Y gets NaN with a note; Y's images of classes the "
+    "model never learnt are counted out. Writes matrix.csv (tidy), matrix.md, matrix.png (heatmap) and "
+    "external.json (read by `readingrace report`).\n\n"
+    "Input mode (how other sites' images reach the model's square input): stretch resizes each image to the "
+    "square, so a non-square image changes its aspect ratio; pad zero-pads the shorter side, centred, to a "
+    "square first, so the aspect ratio is kept, with bands of zeros. Default: each trained run's own "
+    "image.mode, i.e. what its model saw in training."
+)
+
+
+@app.command(help=EXTERNAL_HELP)
+def external(runs: Annotated[Optional[list[str]], typer.Option("--run", help="NAME=RUN_DIR of a finished run "
+                                                                          "(repeatable); trained on cohort NAME")] = None,
+             data: Annotated[Optional[list[str]], typer.Option("--data", help="NAME=CONFIG: a test-only cohort, from "
+                                                                           "the cohort: section of an experiment "
+                                                                           "YAML (repeatable)")] = None,
+             data_roots: Annotated[Optional[list[str]], typer.Option("--data-root", help="NAME=PATH: data folder "
+                                                                                      "of a --data cohort")] = None,
+             mode: Annotated[Optional[str], typer.Option(help="stretch | pad (default: each run's own image.mode)")] = None,
+             out: Annotated[Path, typer.Option("--out", "-o", help="output folder of the matrix and its cells")]
+             = Path("runs") / "external") -> None:
+    """External validation (paper Table 4): every trained run tested on every cohort, as one matrix."""
+    from readingrace.config import load_config
+    from readingrace.experiments.external import external_validation, parse_named
+
+    run_dirs = parse_named(runs or [], "--run")
+    if not run_dirs:
+        raise ConfigError("give at least one --run NAME=RUN_DIR (a finished `readingrace run` folder)")
+    configs = {name: load_config(path) for name, path in parse_named(data or [], "--data").items()}
+    result = external_validation(run_dirs, configs, out=out, mode=mode,
+                                 data_roots=parse_named(data_roots or [], "--data-root"), say=_say)
+    typer.echo((out / "matrix.md").read_text())
+    _say(f"{len(result['cells'])} cell(s) in {result['seconds']:.0f} s -> {out}")
+
+
+@app.command()
+def disease(config: Annotated[Path, typer.Argument(help="experiment YAML with a disease: section")],
+            data_root: DataRoot = None, out: Out = None,
+            force: Annotated[bool, typer.Option(help="redo a finished run in the same folder")] = False,
+            set_: Sets = None, progress: Annotated[bool, typer.Option(help="show a progress bar")] = False) -> None:
+    """Train a disease (multi-label) model and report its performance per group: AUC, TPR, FPR, underdiagnosis."""
+    from readingrace.config import load_config
+    from readingrace.experiments.disease import run_disease
+
+    cfg = load_config(config, overrides=_overrides(set_))
+    metrics = run_disease(cfg, out=out, data_root=data_root, force=force, progress=progress, say=_say)
+    from readingrace.report.markdown import fmt, fmt_ci
+
+    typer.echo(f"mean test AUC over findings: {fmt(metrics.get('mean_auc'))}; operating threshold: "
+               f"{metrics.get('threshold_source')}")
+    for row in (metrics.get("subgroups") or {}).get("by_group", []):
+        if row["metric"] == "underdiagnosis_rate":
+            typer.echo(f"  underdiagnosis {row['attribute']}={row['group']}: "
+                       f"{fmt_ci(row['estimate'], [row['ci_low'], row['ci_high']])}")
+
+
+@app.command()
+def subgroups(predictions: Annotated[Path, typer.Argument(help="predictions file (CSV/Parquet) or a run folder")],
+              finding: Annotated[list[str] | None, typer.Option(
+                  "--finding", help="finding F with columns label_F and prob_F (repeatable; default: every such "
+                                    "pair)")] = None,
+              group: Annotated[list[str] | None, typer.Option(
+                  "--group", help="group column (repeatable); a+b for an intersection")] = None,
+              threshold: Annotated[float | None, typer.Option(
+                  help="fixed operating threshold for every finding")] = None,
+              val_predictions: Annotated[Path | None, typer.Option(help="validation predictions: choose each "
+                                                                      "finding's threshold there")] = None,
+              rule: Annotated[str, typer.Option(help="threshold rule on --val-predictions: youden | f1")] = "youden",
+              no_finding: Annotated[str, typer.Option(
+                  help="the 'no finding' label behind the underdiagnosis rate")] = "No Finding",
+              underdiagnosis: Annotated[bool, typer.Option(
+                  help="report the underdiagnosis rate (off for predictions that are not of findings)")] = True,
+              reference: Annotated[list[str] | None, typer.Option("--reference", help="COLUMN=GROUP reference group "
+                                                                     "(default: the largest)")] = None,
+              all_pairs: Annotated[bool, typer.Option(help="also compare every pair of groups")] = False,
+              n_bootstrap: Annotated[int, typer.Option(help="bootstrap replicates")] = 1000,
+              seed: Annotated[int, typer.Option(help="bootstrap seed")] = 2021,
+              out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder (default: "
+                                                          "<predictions folder>/subgroups)")] = None,
+              overwrite: Annotated[bool, typer.Option(help="replace existing subgroup files")] = False) -> None:
+    """Per-group AUC, TPR, FPR and underdiagnosis with patient-bootstrap CIs, for any predictions file."""
+    from readingrace.errors import RunError
+    from readingrace.evaluate import resolve_predictions
+    from readingrace.experiments.rundir import RunLock
+    from readingrace.stats.subgroups import (
+        read_predictions_table,
+        subgroup_performance,
+        subgroups_markdown,
+        write_subgroups,
+    )
+
+    if not group:
+        raise ConfigError("name at least one group column: --group sex (repeatable; --group sex+age_group for an "
+                          "intersection)")
+    if (threshold is None) == (val_predictions is None):
+        raise ConfigError("give the operating threshold as --threshold X (one number for every finding) or "
+                          "--val-predictions FILE (chosen there by --rule), not both and not neither")
+    refs = {}
+    for item in reference or []:
+        if "=" not in item:
+            raise ConfigError(f"--reference {item!r}: write COLUMN=GROUP, e.g. --reference sex=M")
+        key, value = item.split("=", 1)
+        refs[key.strip()] = value.strip()
+    src = resolve_predictions(predictions)
+    out_dir = out or src.parent / "subgroups"
+    if (out_dir / "subgroups.json").exists() and not overwrite:
+        raise RunError(f"{out_dir / 'subgroups.json'} already exists; pass --overwrite to replace it or --out for "
+                       "another folder")
+    val = read_predictions_table(val_predictions) if val_predictions is not None else None
+    result = subgroup_performance(
+        read_predictions_table(src), findings=finding or None, groups=group, threshold=threshold,
+        val_predictions=val, threshold_rule=rule, no_finding=no_finding, underdiagnosis=underdiagnosis,
+        reference=refs or None,
+        all_pairs=all_pairs, n_bootstrap=n_bootstrap, seed=seed, source=str(src),
+        val_source=str(val_predictions) if val_predictions else "validation predictions")
+    with RunLock(out_dir):
+        write_subgroups(result, out_dir)
+    typer.echo(subgroups_markdown(result))
     _say(f"wrote {out_dir}")
 
 

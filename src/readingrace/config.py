@@ -96,6 +96,60 @@ class EvaluateConfig:
     gradcam_gallery: bool = False
     occlusion: bool = False
     occlusion_threshold: float = 0.65
+    lungs: LungsConfig = field(default_factory=lambda: LungsConfig())
+
+
+@dataclass
+class LungsConfig:
+    """C3 lung-only / non-lung test images (explain/lungs.py); on when any mask source is given.
+
+    Masks come from ``masks_csv`` (``image_id, mask_path``, paths relative to the CSV's folder),
+    from a U-Net trained at run time on ``unet_pairs`` (a pairs CSV: ``image, mask``) and/or on the
+    user's masks, or from ``unet_weights`` (saved by ``save_lung_unet``). Relative config paths are
+    relative to the current directory. Test images without a user mask get a predicted one
+    (``missing: unet``) or are excluded (``missing: exclude``). A mask is usable when its lung
+    fraction lies in [min_lung_fraction, max_lung_fraction] and, with ``two_lungs``, it has two
+    regions side by side, one on each side of the vertical midline; the others are excluded and counted.
+    """
+
+    masks_csv: str | None = None
+    unet_pairs: str | None = None
+    unet_weights: str | None = None
+    missing: str = "unet"
+    unet_size: int | None = None
+    unet_epochs: int = 20
+    unet_seed: int = 2021
+    unet_batch_size: int = 8
+    unet_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    min_lung_fraction: float = 0.1
+    max_lung_fraction: float = 0.5
+    two_lungs: bool = True
+    gallery_images: int = 12
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.masks_csv, self.unet_pairs, self.unet_weights))
+
+    def __post_init__(self) -> None:
+        where = "evaluate.lungs"
+        if self.missing not in ("unet", "exclude"):
+            raise ConfigError(f"{where}.missing must be 'unet' or 'exclude', got {self.missing!r}")
+        if self.unet_pairs and self.unet_weights:
+            raise ConfigError(f"{where}: give unet_pairs (train a U-Net here) or unet_weights (a saved one), not both")
+        if not 0.0 <= self.min_lung_fraction < self.max_lung_fraction <= 1.0:
+            raise ConfigError(f"{where}: need 0 <= min_lung_fraction < max_lung_fraction <= 1, got "
+                              f"{self.min_lung_fraction} and {self.max_lung_fraction}")
+        for key in ("unet_epochs", "unet_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
+        if len(self.unet_channels) < 2 or any(c < 1 for c in self.unet_channels):
+            raise ConfigError(f"{where}.unet_channels: at least two positive channel counts, got {self.unet_channels}")
+        factor = 2 ** (len(self.unet_channels) - 1)
+        if self.unet_size is not None and (self.unet_size < factor or self.unet_size % factor):
+            raise ConfigError(f"{where}.unet_size must be a positive multiple of {factor} (2 ** (len(unet_channels) "
+                              f"- 1)), got {self.unet_size}")
+        if self.gallery_images < 0:
+            raise ConfigError(f"{where}.gallery_images must be >= 0, got {self.gallery_images}")
 
 
 @dataclass
@@ -113,6 +167,42 @@ class PerturbConfig:
 
 
 @dataclass
+class DiseaseConfig:
+    """The disease (pathology) model and its subgroup performance: ``readingrace disease`` (docs/subgroups.md).
+
+    ``labels``: finding columns, or ``nih`` / ``chexpert`` for the standard sets (each with
+    "No Finding"). ``policy``: uncertain labels (-1) in training, ``zeros`` / ``ones`` / ``ignore``
+    (multilabel.POLICIES). ``no_finding``: the label behind the underdiagnosis rate.
+    ``operating_point``: ``youden`` / ``f1`` (chosen on the validation split) or a fixed probability.
+    ``groups``: attributes to report (``a+b`` for an intersection); ``reference``: attribute ->
+    reference group (default: the largest group).
+    """
+
+    labels: list[str] | str = "nih"
+    policy: str = "ignore"
+    no_finding: str = "No Finding"
+    operating_point: float | str = "youden"
+    groups: list[str] = field(default_factory=lambda: ["sex", "age_group", "race"])
+    reference: dict[str, str] = field(default_factory=dict)
+    all_pairs: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.labels, str) and self.labels not in ("nih", "chexpert"):
+            raise ConfigError(f"disease.labels must be 'nih', 'chexpert' or a list of finding columns, got {self.labels!r}")
+        if isinstance(self.labels, list) and len(set(self.labels)) < 2:
+            raise ConfigError(f"disease.labels: a multi-label model needs at least 2 distinct labels, got {self.labels}")
+        if self.policy not in ("zeros", "ones", "ignore"):
+            raise ConfigError(f"disease.policy must be one of ['ignore', 'ones', 'zeros'], got {self.policy!r}")
+        op = self.operating_point
+        if isinstance(op, str) and op not in ("youden", "f1"):
+            raise ConfigError(f"disease.operating_point must be 'youden', 'f1' or a probability in [0, 1], got {op!r}")
+        if not isinstance(op, str) and not 0.0 <= op <= 1.0:
+            raise ConfigError(f"disease.operating_point: a fixed threshold must be in [0, 1], got {op!r}")
+        if not self.groups:
+            raise ConfigError("disease.groups: name at least one attribute to report, e.g. [sex, age_group]")
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: cohort -> split -> images -> model -> train -> evaluate -> report."""
 
@@ -126,6 +216,7 @@ class ExperimentConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
     confounders: dict[str, Any] = field(default_factory=dict)
+    disease: DiseaseConfig = field(default_factory=DiseaseConfig)
     out: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

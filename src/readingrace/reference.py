@@ -6,7 +6,7 @@ is no evidence of anything subtle.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,11 +18,22 @@ from sklearn.preprocessing import StandardScaler
 C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 2, 13))
 
 
-def thumbnails(images: np.ndarray, index: np.ndarray, size: int = 32, chunk: int = 512) -> np.ndarray:
-    """Anti-aliased ``size`` x ``size`` thumbnails of ``images[index]``, flattened (N, size*size)."""
+Transform = Callable[[torch.Tensor, np.ndarray], torch.Tensor]
+
+
+def thumbnails(images: np.ndarray, index: np.ndarray, size: int = 32, chunk: int = 512,
+               transform: Transform | None = None) -> np.ndarray:
+    """Anti-aliased ``size`` x ``size`` thumbnails of ``images[index]``, flattened (N, size*size).
+
+    ``transform(batch, batch_indices)`` is applied first: the perturbations the CNN was trained and
+    tested with (a C1 filter, a C4 cell), so that the reference sees the same images as the CNN.
+    """
     out = []
     for s in range(0, len(index), chunk):
-        x = torch.from_numpy(np.asarray(images[np.asarray(index[s:s + chunk])], dtype=np.float32)).unsqueeze(1)
+        idx = np.asarray(index[s:s + chunk])
+        x = torch.from_numpy(np.asarray(images[idx], dtype=np.float32)).unsqueeze(1)
+        if transform is not None:
+            x = transform(x, idx)
         out.append(F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
                                  align_corners=False).flatten(1).numpy())
     return np.concatenate(out) if out else np.zeros((0, size * size), np.float32)
@@ -38,9 +49,13 @@ def _macro_auc(y: np.ndarray, p: np.ndarray, n_classes: int) -> float:
 def fit_predict_reference(
     images: np.ndarray, labels: np.ndarray, *, train_index: np.ndarray, val_index: np.ndarray,
     test_index: np.ndarray, n_classes: int, size: int = 32, c_grid: Sequence[float] = C_GRID,
+    transform: Transform | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """Fit on train, pick C by validation macro AUC, refit on train; test probabilities and details."""
-    xtr, xva, xte = (thumbnails(images, i, size) for i in (train_index, val_index, test_index))
+    """Fit on train, pick C by validation macro AUC, refit on train; test probabilities and details.
+
+    ``transform`` perturbs the images before the thumbnails are taken (see :func:`thumbnails`).
+    """
+    xtr, xva, xte = (thumbnails(images, i, size, transform=transform) for i in (train_index, val_index, test_index))
     scaler = StandardScaler().fit(xtr)
     xtr, xva, xte = scaler.transform(xtr), scaler.transform(xva), scaler.transform(xte)
     ytr, yva = labels[train_index], labels[val_index]

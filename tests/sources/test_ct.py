@@ -6,7 +6,13 @@ import pytest
 
 from readingrace.cohort.manifest import Manifest
 from readingrace.cohort.schema import validate_cohort
-from readingrace.cohort.sources.ct import air_value, load, preprocess_ct_slice, read_hu
+from readingrace.cohort.sources.ct import (
+    air_value,
+    load,
+    preprocess_ct_slice,
+    read_hu,
+    slice_deciles,
+)
 from readingrace.errors import ConfigError
 
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
@@ -79,7 +85,7 @@ def test_series_ordered_along_the_normal_and_air_check(tmp_path, dicom_writer):
     assert co["slice_position"].tolist() == [-10.0, 10.0, 30.0] and co["slice_index"].tolist() == [0, 1, 2]
     steps = {s.step: s for s in m.flow}
     assert steps["not a localizer (scout)"].images_before - steps["not a localizer (scout)"].images_after == 1
-    air = [s for s in m.flow if s.step.startswith("air check")][0]
+    air = next(s for s in m.flow if s.step.startswith("air check"))
     assert air.images_before - air.images_after == 1 and "16x16 top_left" in air.step
     assert m.counts["ct_slices_dropped_air_check"] == 1
     assert any(s.reason.startswith("air check: corner minimum -1000") for s in m.skipped)
@@ -113,3 +119,40 @@ def test_one_series_per_study(tmp_path, dicom_writer):
     df = load({"folder": "ct", "series": "most_slices"}, tmp_path, m)
     assert set(df["series_id"]) == {"7.2"} and len(df) == 3
     assert pd.Series([s.step for s in m.flow]).str.contains("one series per study").any()
+
+
+def test_slice_deciles_short_series_and_ties():
+    assert slice_deciles(np.arange(20.0)).tolist() == [i // 2 for i in range(20)]
+    assert slice_deciles(np.arange(12.0)).tolist() == [0, 0, 1, 2, 3, 4, 5, 5, 6, 7, 8, 9]
+    assert slice_deciles(np.array([4.0, 5.0, 6.0])).tolist() == [0, 3, 6]
+    assert slice_deciles(np.array([7.0])).tolist() == [0]
+    assert slice_deciles(np.array([0.0, 1.0, 1.0, 2.0, 3.0])).tolist() == [0, 2, 2, 6, 8]   # tie: one decile
+    assert slice_deciles(np.array([0.0, 1.0, 1.0, np.nan])).tolist() == [0, 2, 5, 7]        # no position: index
+
+
+def test_slice_decile_column(tmp_path, dicom_writer):
+    d = tmp_path / "ct"
+    series = {  # series -> z positions (file order shuffled), slices failing the air check
+        "5.1": (list(np.random.default_rng(0).permutation(20).astype(float)), ()),
+        "5.2": ([30.0, 10.0, 20.0], ()),
+        "5.3": ([0.0], ()),
+        "5.4": ([3.0, 1.0, 0.0, 1.0, 2.0], ()),                 # two slices at z = 1
+        "5.5": ([float(z) for z in range(10)], (4,)),           # slice at z = 4 dropped by the air check
+    }
+    for k, (uid, (zs, bad)) in enumerate(series.items()):
+        write_series(dicom_writer, d / uid, series=uid, study=f"{uid}.0", patient=f"P{k}", orientation=AXIAL,
+                     positions=[(0.0, 0.0, z) for z in zs], bad=bad)
+    m = Manifest()
+    df = load({"folder": "ct"}, tmp_path, m)
+    validate_cohort(df)
+    by = {uid: g.sort_values("slice_position") for uid, g in df.groupby("series_id")}
+    assert by["5.1"]["slice_decile"].tolist() == [z // 2 for z in range(20)]
+    assert by["5.1"]["slice_decile"].value_counts().to_dict() == {k: 2 for k in range(10)}
+    assert by["5.2"]["slice_decile"].tolist() == [0, 3, 6]
+    assert by["5.3"]["slice_decile"].tolist() == [0]
+    assert by["5.4"]["slice_decile"].tolist() == [0, 2, 2, 6, 8]
+    assert by["5.4"]["slice_index"].tolist() == [0, 1, 2, 3, 4]
+    assert by["5.5"]["slice_position"].tolist() == [0.0, 1.0, 2.0, 3.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+    assert by["5.5"]["slice_decile"].tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9]   # deciles of the whole series
+    assert df["slice_decile"].dtype.kind == "i"
+    assert any("slices share a position" in w for w in m.warnings)

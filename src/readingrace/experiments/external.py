@@ -1,16 +1,26 @@
-"""Apply a trained run to another cohort (external validation, A1-ext) and the site-by-site matrix.
+"""External validation (paper Table 4, A1-ext): a trained run applied to another cohort, and the
+matrix of every ordered pair (trained on X, tested on Y).
 
-The model keeps its own preprocessing (image size, perturbations, intensity normalisation); the
-other cohort's images are brought to the model's input by ``image.mode`` of the run (``stretch``
-resizes each image to a square; ``pad`` pads the shorter side with zeros first, keeping the aspect
-ratio), or by ``mode`` when given. Classes are harmonised by name: test images whose class the
-model never learnt are dropped and counted, and a model class absent from the other cohort gets NaN.
+The model keeps its own preprocessing (image size, perturbations, intensity normalisation). Other
+sites' images are brought to the model's square input by an *input mode*: ``stretch`` resizes each
+image to the square (a non-square image changes its aspect ratio); ``pad`` first zero-pads the
+shorter side, centred, to a square (the anatomy keeps its proportions, with bands of zeros), then
+resizes. The default is the trained run's own ``image.mode``, i.e. what the model saw in training.
+
+Classes are harmonised by name: test images of a class the model never learnt are counted out (a
+step of the manifest, and a note), and a model class absent from the other cohort gets NaN with a
+note, never a silent drop. A cell folder records its inputs (``inputs.json``); the same inputs again
+reuse it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +29,19 @@ import pandas as pd
 import yaml
 
 from readingrace.cohort.build import build_cohort
+from readingrace.cohort.manifest import Manifest, sha256_file
 from readingrace.config import ExperimentConfig, config_from_dict
-from readingrace.errors import CohortError, RunError
+from readingrace.errors import CohortError, ConfigError, ReadingRaceError, RunError
 from readingrace.experiments.rundir import RunLock, clean_nan, write_atomic, write_json
 
+SCHEMA = "readingrace.external/1"
+INPUT_MODES = ("stretch", "pad")
+INPUTS_FILE = "inputs.json"
+INDEX_FILE = "external.json"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
+
+# -- runs and cohorts ------------------------------------------------------------------------------
 def load_run_config(run_dir: Path) -> ExperimentConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
@@ -34,43 +52,155 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
     return config_from_dict(data)
 
 
-def predict_run(run_dir: str | Path, other: ExperimentConfig, *, out: str | Path, data_root: str | Path | None = None,
-                mode: str | None = None, all_splits: bool = True,
-                say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Predict cohort ``other`` with the trained model(s) of ``run_dir``; write predictions and metrics."""
+def finished_run(run_dir: str | Path) -> tuple[ExperimentConfig, dict[str, Any]]:
+    """The config and internal test metrics of a finished run (:class:`RunError` when unfinished)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise RunError(f"{run_dir} has no metrics.json: the run has not finished; rerun `readingrace run` first")
+    return cfg, json.loads(path.read_text())
+
+
+def check_mode(mode: str | None) -> str | None:
+    if mode is not None and mode not in INPUT_MODES:
+        raise ConfigError(f"input mode {mode!r}: choose stretch (resize to a square) or pad (zero-pad the shorter "
+                          "side to a square first, keeping the aspect ratio)")
+    return mode
+
+
+@dataclass
+class ExternalCohort:
+    """The images a model is tested on; built only when a cell has to be computed (``load``)."""
+
+    name: str
+    description: str
+    key: dict[str, Any]  # what identifies the images: a cell is reused only while this is unchanged
+    load: Callable[[], tuple[pd.DataFrame, Manifest]] = field(repr=False)
+    bit_depth: int | None = None
+
+
+def cohort_from_config(cfg: ExperimentConfig, *, name: str | None = None, data_root: str | Path | None = None,
+                       split: str | None = None) -> ExternalCohort:
+    """Cohort ``cfg.cohort`` from its source: all its images, or (``split="test"``) only the test split
+    as a run of ``cfg`` would split it (same cohort, images, split ratios and seed)."""
+    root = data_root or cfg.cohort.data_root
+    d = cfg.to_dict()
+    key: dict[str, Any] = {"cohort": {k: v for k, v in d["cohort"].items() if k != "data_root"},
+                           "data_root": str(Path(root).resolve()) if root else None, "split": split}
+    if split:
+        key.update(split_config=d["split"], image={k: d["image"][k] for k in ("size", "mode", "bit_depth")})
+
+    def load() -> tuple[pd.DataFrame, Manifest]:
+        if split is None:
+            if root is not None and not Path(root).exists() and cfg.cohort.source != "synthetic":
+                raise CohortError(f"data folder not found: {root}")
+            return build_cohort(cfg.cohort, data_root=root)
+        from readingrace.experiments.run import prepare
+
+        prep = prepare(cfg, data_root=root, say=lambda m: None)
+        table = prep.cohort.drop(columns=["cache_index"])
+        part = prep.manifest.step(f"{split} split (split by patient as its own run splits it, seed {cfg.split.seed})",
+                                  table, table[table["split"] == split])
+        return part, prep.manifest
+
+    what = "all images" if split is None else f"the {split} split"
+    return ExternalCohort(name=name or cfg.name, description=f"{what} of cohort {cfg.cohort.source}", key=key,
+                          load=load, bit_depth=cfg.image.bit_depth)
+
+
+def cohort_from_run(run_dir: str | Path, *, name: str | None = None) -> ExternalCohort:
+    """The images a finished run was tested on (the test split of its ``cohort.csv``, paths as recorded),
+    so a column of the matrix holds the same patients as that run's internal test."""
+    run_dir = Path(run_dir)
+    cfg, _ = finished_run(run_dir)
+    path = run_dir / "cohort.csv"
+    if not path.is_file():
+        raise RunError(f"{run_dir} has no cohort.csv: rerun `readingrace run` for that folder")
+    key = {"run": cfg.fingerprint(), "cohort_sha256": sha256_file(path)}
+
+    def load() -> tuple[pd.DataFrame, Manifest]:
+        table = pd.read_csv(path, low_memory=False, dtype={"image_id": str, "patient_id": str, "study_id": str})
+        if "split" not in table.columns:
+            raise RunError(f"{path} has no 'split' column: rerun `readingrace run` for that folder")
+        man_path = run_dir / "manifest.json"
+        manifest = Manifest.read(man_path) if man_path.is_file() else Manifest(source=cfg.cohort.source)
+        table = table.drop(columns=["cache_index"], errors="ignore")
+        part = manifest.step(f"test split of the run in {run_dir.name}", table, table[table["split"] == "test"])
+        return part, manifest
+
+    return ExternalCohort(name=name or cfg.name, description=f"the test split of the run {cfg.name!r}", key=key,
+                          load=load, bit_depth=cfg.image.bit_depth)
+
+
+def input_images(paths: list[str], *, trained: ExperimentConfig, mode: str | None = None,
+                 bit_depth: int | None = None):
+    """Decode other-site images to the trained model's input (its size; ``mode`` or its own mode)."""
     from readingrace.experiments.run import cache_root
     from readingrace.imaging.cache import build_cache
+
+    return build_cache(paths, size=trained.image.size, cache_root=cache_root(trained) / "images",
+                       mode=check_mode(mode) or trained.image.mode, dtype=trained.image.cache_dtype,
+                       bit_depth=bit_depth)
+
+
+# -- one cell ------------------------------------------------------------------------------------------
+def predict_run(run_dir: str | Path, other: ExperimentConfig | ExternalCohort, *, out: str | Path,
+                data_root: str | Path | None = None, mode: str | None = None, trained_on: str | None = None,
+                reuse: bool = True, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Predict cohort ``other`` with the trained model(s) of ``run_dir``; write predictions and metrics.
+
+    ``other``: a config (all images of its cohort, built with ``data_root``) or an :class:`ExternalCohort`.
+    Writes ``predictions.csv`` (first seed), ``predictions_seed-<s>.csv``, ``metrics.json`` (the
+    standard schema plus ``trained_on``, ``tested_on``, ``input_mode``, ``notes``), ``manifest.json`` and
+    ``inputs.json``; a folder whose ``inputs.json`` matches is reused (``"reused": True`` in the result).
+    """
     from readingrace.predict import predict_proba, predictions_table
     from readingrace.stats.metrics import evaluate_predictions
     from readingrace.train import load_classifier
 
     run_dir = Path(run_dir)
-    trained = load_run_config(run_dir)
-    metrics_path = run_dir / "metrics.json"
-    if not metrics_path.is_file():
-        raise RunError(f"{run_dir} has no metrics.json: the run has not finished; rerun `readingrace run` first")
-    classes = list(json.loads(metrics_path.read_text())["classes"])
+    trained, internal = finished_run(run_dir)
+    if isinstance(other, ExperimentConfig):
+        other = cohort_from_config(other, data_root=data_root)
+    input_mode = check_mode(mode) or trained.image.mode
+    classes = [str(c) for c in internal["classes"]]
     target = trained.cohort.target
+    inputs = {"schema": SCHEMA, "input_mode": input_mode, "tested": other.key,
+              "trained": {"fingerprint": trained.fingerprint(), "metrics_sha256": sha256_file(run_dir / "metrics.json"),
+                          "seeds": list(trained.train.seeds)}}
     out = Path(out)
     with RunLock(out):
-        cohort, manifest = build_cohort(other.cohort, data_root=data_root or other.cohort.data_root)
+        if reuse and _same_inputs(out, inputs):
+            say(f"reusing {out} (same model, cohort and input mode)")
+            return {**json.loads((out / "metrics.json").read_text()), "reused": True}
+        (out / INPUTS_FILE).unlink(missing_ok=True)  # incomplete until written again, last
+        cohort, manifest = other.load()
         if target not in cohort.columns:
-            raise CohortError(f"the other cohort has no {target!r} column to compare with the model's classes")
-        known = cohort[target].astype(str).isin(classes)
-        cohort = manifest.step(f"{target} among the model's classes {classes}", cohort, cohort[known])
-        if not all_splits and "split" in cohort:
-            cohort = cohort[cohort["split"] == "test"]
+            raise CohortError(f"cohort {other.name!r} has no {target!r} column to compare with the model's classes "
+                              f"{classes}; available: {sorted(map(str, cohort.columns))}")
+        labels = cohort[target].astype(str)
+        unknown = labels[~labels.isin(classes)].value_counts().sort_index()
+        notes = []
+        if len(unknown):
+            notes.append(f"{int(unknown.sum())} image(s) of class(es) the model never learnt were left out: "
+                         + ", ".join(f"{c} ({n})" for c, n in unknown.items()))
+        cohort = manifest.step(f"{target} among the model's classes {classes}", cohort, cohort[labels.isin(classes)],
+                               detail="; ".join(notes))
         if cohort.empty:
-            raise CohortError(f"no image of the other cohort has a {target} the model knows ({classes})")
-        cache = build_cache(cohort["path"].tolist(), size=trained.image.size, cache_root=cache_root(trained) / "images",
-                            mode=mode or trained.image.mode, dtype=trained.image.cache_dtype,
-                            bit_depth=other.image.bit_depth)
+            raise CohortError(f"no image of cohort {other.name!r} has a {target} the model knows ({classes})")
+        absent = [c for c in classes if c not in set(cohort[target].astype(str))]
+        notes += [f"class {c!r} of the model is absent from {other.name}: its AUC is undefined (NaN)" for c in absent]
+        cache = input_images(cohort["path"].astype(str).tolist(), trained=trained, mode=input_mode,
+                             bit_depth=other.bit_depth)
         for i, reason in sorted(cache.reasons.items()):
             manifest.skip(cohort["image_id"].iloc[i], reason, stage="image")
         ok = np.asarray(cache.ok, bool)
         index = np.flatnonzero(ok)
         cohort = manifest.step("image decodes", cohort, cohort[ok])
-        say(f"external cohort: {len(cohort)} images of {cohort['patient_id'].nunique()} patients")
+        if cohort.empty:
+            raise CohortError(f"no image of cohort {other.name!r} could be decoded; see {out / 'manifest.json'}")
+        say(f"{other.name}: {len(cohort)} images of {cohort['patient_id'].nunique()} patients ({other.description})")
         per_seed = {}
         for seed in trained.train.seeds:
             model = load_classifier(run_dir / f"seed-{seed}" / "checkpoints" / "best.ckpt")
@@ -80,19 +210,207 @@ def predict_run(run_dir: str | Path, other: ExperimentConfig, *, out: str | Path
             per_seed[seed] = evaluate_predictions(pred, classes=classes, n_bootstrap=trained.evaluate.n_bootstrap,
                                                   seed=trained.split.seed, level=trained.evaluate.level,
                                                   threshold=trained.evaluate.threshold,
-                                                  strata=[s for s in trained.evaluate.strata if s in pred])
+                                                  strata=[s for s in trained.evaluate.strata if s in pred],
+                                                  study_level=trained.evaluate.study_level)
         first = trained.train.seeds[0]
         write_atomic(out / "predictions.csv", (out / f"predictions_seed-{first}.csv").read_text())
         metrics = dict(per_seed[first])
         metrics.update({
-            "target": target, "model": trained.model.name, "trained_run": str(run_dir), "trained_on": trained.name,
-            "tested_on": other.name, "input_mode": mode or trained.image.mode,
+            "target": target, "model": trained.model.name, "trained_run": str(run_dir),
+            "trained_on": trained_on or trained.name, "tested_on": other.name, "test_cohort": other.description,
+            "input_mode": input_mode, "image_size": trained.image.size, "notes": notes,
+            "excluded_classes": {str(c): int(n) for c, n in unknown.items()}, "absent_classes": absent,
             "seeds": {str(s): {"macro_auc": m["macro_auc"], "macro_auc_ci": m["macro_auc_ci"]} for s, m in per_seed.items()},
         })
         manifest.write(out / "manifest.json")
         metrics = clean_nan(metrics)
         write_json(out / "metrics.json", metrics)
-        return metrics
+        write_json(out / INPUTS_FILE, inputs)
+        return {**metrics, "reused": False}
+
+
+def _same_inputs(out: Path, inputs: dict[str, Any]) -> bool:
+    try:
+        old = json.loads((out / INPUTS_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return old == json.loads(json.dumps(inputs, default=str)) and (out / "metrics.json").is_file()
+
+
+# -- the matrix ----------------------------------------------------------------------------------------
+def cell_record(metrics: Mapping[str, Any] | None, *, trained_on: str, tested_on: str, cell_dir: str | Path | None,
+                input_mode: str | None, internal: bool = False, status: str = "done", reason: str = "",
+                reused: bool = False) -> dict[str, Any]:
+    """One cell of the matrix (the row of ``external.json`` and ``matrix.csv``)."""
+    m = dict(metrics or {})
+    per = m.get("per_class") or {}
+    notes = list(m.get("notes") or [])
+    if internal:
+        notes.insert(0, "internal: the run's own test split (its metrics.json)")
+    return {"trained_on": trained_on, "tested_on": tested_on, "internal": internal, "status": status,
+            "reason": reason, "macro_auc": m.get("macro_auc"), "macro_auc_ci": list(m.get("macro_auc_ci") or [None, None]),
+            "per_class_auc": {c: p.get("auc") for c, p in per.items()},
+            "per_class_auc_ci": {c: list(p.get("auc_ci") or [None, None]) for c, p in per.items()},
+            "n_images": m.get("n_images"), "n_patients": m.get("n_patients"), "input_mode": input_mode,
+            "notes": notes, "cell_dir": None if cell_dir is None else str(cell_dir), "reused": reused}
+
+
+def matrix_order(cells: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
+    """Rows (trained on) and columns (tested on) in first-seen order, trained-on names first."""
+    cells = list(cells)
+    rows = list(dict.fromkeys(c["trained_on"] for c in cells))
+    cols = [r for r in rows if any(c["tested_on"] == r for c in cells)]
+    cols += [t for t in dict.fromkeys(c["tested_on"] for c in cells) if t not in cols]
+    return rows, cols
+
+
+def cell_text(cell: Mapping[str, Any]) -> str:
+    from readingrace.report.markdown import fmt_ci
+
+    if cell.get("status") != "done":
+        return f"n/a ({cell.get('status')})"
+    text = fmt_ci(cell.get("macro_auc"), cell.get("macro_auc_ci"))
+    return f"{text} (internal)" if cell.get("internal") else text
+
+
+def matrix_table(cells: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Rows: trained on; columns: tested on; cells "AUC [lo, hi]" (paper Table 4); diagonal "(internal)"."""
+    cells = list(cells)
+    rows, cols = matrix_order(cells)
+    table = pd.DataFrame("", index=pd.Index(rows, name="trained on \\ tested on"), columns=cols, dtype=object)
+    for c in cells:
+        table.loc[c["trained_on"], c["tested_on"]] = cell_text(c)
+    return table
+
+
+def tidy_cells(cells: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per cell: macro AUC with its CI, per-class AUCs with CIs, images, patients, input mode."""
+    rows = []
+    for c in cells:
+        lo, hi = (list(c.get("macro_auc_ci") or [None, None]) + [None, None])[:2]
+        row = {"trained_on": c["trained_on"], "tested_on": c["tested_on"], "internal": c["internal"],
+               "status": c["status"], "macro_auc": c.get("macro_auc"), "ci_lo": lo, "ci_hi": hi}
+        for cls, auc in (c.get("per_class_auc") or {}).items():
+            clo, chi = (list((c.get("per_class_auc_ci") or {}).get(cls) or [None, None]) + [None, None])[:2]
+            row.update({f"auc_{cls}": auc, f"auc_{cls}_ci_lo": clo, f"auc_{cls}_ci_hi": chi})
+        row.update({"n_images": c.get("n_images"), "n_patients": c.get("n_patients"),
+                    "input_mode": c.get("input_mode"), "notes": " | ".join(c.get("notes") or []),
+                    "reason": c.get("reason", ""), "cell_dir": c.get("cell_dir")})
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    front = ["trained_on", "tested_on", "internal", "status", "macro_auc", "ci_lo", "ci_hi"]
+    back = ["n_images", "n_patients", "input_mode", "notes", "reason", "cell_dir"]
+    if df.empty:
+        return pd.DataFrame(columns=front + back)
+    return df[front + [c for c in df.columns if c not in front + back] + back]  # per-class columns as met
+
+
+def write_matrix(cells: list[dict[str, Any]], out: str | Path, *, extra: Mapping[str, Any] | None = None
+                 ) -> dict[str, Path]:
+    """``matrix.csv`` (tidy), ``matrix.md``, ``matrix.png`` (heatmap) and ``external.json`` into ``out``."""
+    from readingrace.report.figures import plot_external_matrix
+    from readingrace.report.markdown import md_table
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"csv": out / "matrix.csv", "markdown": out / "matrix.md", "png": out / "matrix.png",
+             "index": out / INDEX_FILE}
+    write_atomic(files["csv"], tidy_cells(cells).to_csv(index=False))
+    table = matrix_table(cells).reset_index()
+    notes = [f"- {c['trained_on']} -> {c['tested_on']}: " + "; ".join(c["notes"] + ([c["reason"]] if c["reason"] else []))
+             for c in cells if not c["internal"] and (c["notes"] or c["reason"])]
+    text = ["# External validation: macro AUC [95% CI]", "",
+            "Rows: trained on; columns: tested on. The diagonal (internal) is each run's own test split.", "",
+            md_table(table), ""] + (["Notes:", "", *notes, ""] if notes else [])
+    write_atomic(files["markdown"], "\n".join(text))
+    if not plot_external_matrix(cells, files["png"]):
+        files.pop("png")
+    index = {"schema": SCHEMA, "kind": "external", **(extra or {}), "cells": cells,
+             "files": {k: p.name for k, p in files.items()}}
+    write_json(files["index"], clean_nan(index))
+    return files
+
+
+def _check_name(name: str, option: str) -> str:
+    if not _NAME.fullmatch(name) or "__" in name:
+        raise ConfigError(f"{option} {name!r}: a name is letters, digits, '.', '_' or '-' (no '__'), e.g. nih")
+    return name
+
+
+def parse_named(items: Iterable[str], option: str) -> dict[str, str]:
+    """``["nih=runs/nih"]`` -> ``{"nih": "runs/nih"}``; names checked, duplicates refused."""
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{option} {item!r}: write NAME=VALUE, e.g. {option} nih=runs/nih-sex")
+        name, value = (s.strip() for s in item.split("=", 1))
+        _check_name(name, option)
+        if name in out:
+            raise ConfigError(f"{option}: {name!r} is given twice")
+        out[name] = value
+    return out
+
+
+def external_validation(runs: Mapping[str, str | Path], data: Mapping[str, ExperimentConfig] | None = None, *,
+                        out: str | Path, mode: str | None = None,
+                        data_roots: Mapping[str, str | Path] | None = None,
+                        say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every ordered pair (trained on X in ``runs``, tested on Y in ``runs`` or ``data``).
+
+    X == Y is the run's own internal test (read from its metrics.json, not recomputed). Otherwise the
+    model of X predicts Y into ``out/<X>__on__<Y>/``: for a run, Y's images are that run's test split;
+    for ``data``, all images of the config's cohort (``data_roots[Y]`` or its ``cohort.data_root``). A
+    cell that cannot be computed is recorded with its reason; then :class:`RunError` is raised after
+    the matrix files (``matrix.csv``, ``matrix.md``, ``matrix.png``, ``external.json``) are written.
+    """
+    data = dict(data or {})
+    data_roots = dict(data_roots or {})
+    check_mode(mode)
+    if not runs:
+        raise ConfigError("give at least one trained run (--run NAME=RUN_DIR)")
+    for name in [*runs, *data]:
+        _check_name(name, "--run" if name in runs else "--data")
+    both = sorted(set(runs) & set(data))
+    if both:
+        raise ConfigError(f"{both}: given both as --run and --data; a run's own test split is its test cohort, "
+                          "so name the --data cohort differently or drop it")
+    stray = sorted(set(data_roots) - set(data))
+    if stray:
+        raise ConfigError(f"--data-root {stray}: no --data cohort of that name (runs carry their own image paths)")
+    out = Path(out)
+    trained = {name: finished_run(path) for name, path in runs.items()}  # fail early on an unfinished run
+    cohorts: dict[str, ExternalCohort] = {name: cohort_from_run(path, name=name) for name, path in runs.items()}
+    cohorts.update({name: cohort_from_config(cfg, name=name, data_root=data_roots.get(name))
+                    for name, cfg in data.items()})
+    cells: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for x, run_dir in runs.items():
+        cfg_x, internal = trained[x]
+        for y, cohort in cohorts.items():
+            if x == y:
+                cells.append(cell_record(internal, trained_on=x, tested_on=y, internal=True, input_mode=cfg_x.image.mode,
+                                         cell_dir=os.path.relpath(Path(run_dir).resolve(), out.resolve())))
+                continue
+            folder = f"{x}__on__{y}"
+            say(f"{x} -> {y}")
+            try:
+                m = predict_run(run_dir, cohort, out=out / folder, mode=mode, trained_on=x, say=lambda s: say(f"  {s}"))
+                cells.append(cell_record(m, trained_on=x, tested_on=y, cell_dir=folder, input_mode=m["input_mode"],
+                                         reused=m["reused"]))
+            except ReadingRaceError as exc:
+                say(f"  failed: {exc}")
+                cells.append(cell_record(None, trained_on=x, tested_on=y, cell_dir=folder, status="failed",
+                                         reason=str(exc), input_mode=mode or cfg_x.image.mode))
+    extra = {"input_mode": mode or "each run's own image.mode", "seconds": round(time.perf_counter() - t0, 1),
+             "runs": {n: os.path.relpath(Path(p).resolve(), out.resolve()) for n, p in runs.items()},
+             "cohorts": {n: c.description for n, c in cohorts.items()}}
+    files = write_matrix(cells, out, extra=extra)
+    failed = [c for c in cells if c["status"] != "done"]
+    if failed:
+        raise RunError(f"{len(failed)} of {len(cells)} cell(s) failed ("
+                       + "; ".join(f"{c['trained_on']} -> {c['tested_on']}: {c['reason']}" for c in failed)
+                       + f"); the matrix in {out} marks them n/a")
+    return {**extra, "cells": cells, "files": files}
 
 
 def external_matrix(results: dict[tuple[str, str], dict[str, Any]]) -> pd.DataFrame:

@@ -34,7 +34,9 @@ log = logging.getLogger("readingrace")
 
 #: Files a run writes; ``--force`` removes exactly these, nothing else in the folder.
 RUN_OUTPUTS = ("cohort.csv", "manifest.json", "predictions.csv", "metrics.json", "report.md", "roc.png",
-               "curves.png", "reference_predictions.csv", "predictions_occluded.csv", "occlusion_boxes.csv")
+               "curves.png", "reference_predictions.csv", "predictions_occluded.csv", "occlusion_boxes.csv",
+               "predictions_lung_only.csv", "predictions_non_lung.csv", "lung_masks.csv", "gallery_lung_masks.png",
+               "slice_position.png")
 
 
 def cache_root(cfg: ExperimentConfig) -> Path:
@@ -194,9 +196,11 @@ def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data
             if cfg.perturb.test:
                 m["test_perturbations"] = _test_perturbations(
                     cfg, model, prep.images, cache_idx[te], test_rows, pred, seed_dir, eval_kw)
-            if seed == cfg.train.seeds[0] and (cfg.evaluate.occlusion or cfg.evaluate.gradcam_gallery):
+            if seed == cfg.train.seeds[0] and (cfg.evaluate.occlusion or cfg.evaluate.gradcam_gallery
+                                               or cfg.evaluate.lungs.enabled):
                 m["localisation"] = _localisation(cfg, model, prep.images, cache_idx[te], test_rows, pred,
-                                                  run_dir, eval_kw)
+                                                  run_dir, eval_kw, cohort=cohort, test_positions=te,
+                                                  images_key=prep.manifest.counts["cache"]["key"], say=say)
             write_json(seed_dir / "metrics.json", clean_nan(m))
             per_seed[str(seed)] = m
             if first_pred is None:
@@ -216,7 +220,9 @@ def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data
             say("reference: logistic regression on 32x32 thumbnails")
             ref_probs, details = fit_predict_reference(
                 prep.images, _labels_for(prep), train_index=cache_idx[tr], val_index=cache_idx[va],
-                test_index=cache_idx[te], n_classes=len(classes))
+                test_index=cache_idx[te], n_classes=len(classes), transform=_train_perturbations(cfg))
+            if cfg.perturb.train:
+                details["name"] += " of the same perturbed images"
             ref_pred = predictions_table(test_rows, ref_probs, classes, target=target, extra=strata)
             write_atomic(run_dir / "reference_predictions.csv", ref_pred.to_csv(index=False))
             metrics["reference"] = {**details, **evaluate_predictions(ref_pred, **eval_kw)}
@@ -268,8 +274,11 @@ def _test_perturbations(cfg: ExperimentConfig, model, images: np.ndarray, index:
 
 
 def _localisation(cfg: ExperimentConfig, model, images: np.ndarray, index: np.ndarray, rows: pd.DataFrame,
-                  original: pd.DataFrame, run_dir: Path, eval_kw: dict) -> dict[str, Any]:
-    """C3 on the test split: Grad-CAM galleries and the hot-box occlusion test (paired with originals)."""
+                  original: pd.DataFrame, run_dir: Path, eval_kw: dict, *, cohort: pd.DataFrame | None = None,
+                  test_positions: np.ndarray | None = None, images_key: str = "",
+                  say: Callable[[str], None] = print) -> dict[str, Any]:
+    """C3 on the test split: Grad-CAM galleries, the hot-box occlusion test and lung-only / non-lung
+    test images (each paired with the originals)."""
     from readingrace.explain.gallery import gradcam_galleries
     from readingrace.explain.gradcam import occlusion_test
     from readingrace.stats.metrics import compare_predictions, evaluate_predictions
@@ -277,7 +286,8 @@ def _localisation(cfg: ExperimentConfig, model, images: np.ndarray, index: np.nd
     out: dict[str, Any] = {}
     classes = eval_kw["classes"]
     if cfg.evaluate.gradcam_gallery:
-        files = gradcam_galleries(model, images, original, classes, run_dir / "gradcam", index=index)
+        files = gradcam_galleries(model, images, original, classes, run_dir / "gradcam", index=index,
+                                  box_threshold=cfg.evaluate.occlusion_threshold if cfg.evaluate.occlusion else None)
         out["galleries"] = [str(f.relative_to(run_dir)) for f in files]
     if cfg.evaluate.occlusion:
         occ = occlusion_test(model, images, index, rows[cfg.cohort.target].astype(str).tolist(), classes,
@@ -292,7 +302,95 @@ def _localisation(cfg: ExperimentConfig, model, images: np.ndarray, index: np.nd
             "comparison": compare_predictions(pred, original, classes=classes, n_bootstrap=eval_kw["n_bootstrap"],
                                               seed=eval_kw["seed"], level=eval_kw["level"]),
         }
+    if cfg.evaluate.lungs.enabled:
+        if cohort is None or test_positions is None:
+            raise RunError("evaluate.lungs needs the cohort and the test rows' positions")
+        out["lungs"] = _lungs(cfg, model, images, index, rows, original, run_dir, eval_kw, cohort=cohort,
+                              test_positions=test_positions, images_key=images_key, say=say)
     return out
+
+
+def _lungs(cfg: ExperimentConfig, model, images: np.ndarray, index: np.ndarray, rows: pd.DataFrame,
+           original: pd.DataFrame, run_dir: Path, eval_kw: dict, *, cohort: pd.DataFrame, test_positions: np.ndarray,
+           images_key: str, say: Callable[[str], None]) -> dict[str, Any]:
+    """C3 lung-only and non-lung test images: masks (user's or U-Net), quality rule, paired evaluation."""
+    import torch
+
+    from readingrace.explain.gallery import gallery
+    from readingrace.explain.lungs import lung_only, masks_for_test_images, non_lung
+    from readingrace.predict import predict_proba, predictions_table
+    from readingrace.stats.metrics import compare_predictions, evaluate_predictions
+
+    lcfg = cfg.evaluate.lungs
+    found = masks_for_test_images(lcfg, cohort=cohort, test_positions=test_positions, images=images,
+                                  image_mode=cfg.image.mode, images_key=images_key,
+                                  cache_dir=cache_root(cfg) / "lungs", say=say)
+    write_atomic(run_dir / "lung_masks.csv", found.table.to_csv(index=False))
+    keep = np.flatnonzero(found.included)
+    out: dict[str, Any] = {
+        "mask_source": found.source, "quality_rule": found.quality_rule, "n_test_images": len(index),
+        "n_included": len(keep), "n_excluded": len(index) - len(keep), "excluded": found.excluded_counts(),
+        "n_masks_not_in_cohort": found.n_masks_not_in_cohort, "masks_table": "lung_masks.csv",
+        "mean_lung_fraction": float(found.table["lung_fraction"].iloc[keep].mean()) if len(keep) else None,
+    }
+    if found.unet is not None:
+        out["unet"] = {k: found.unet[k] for k in (
+            "origin", "key", "cached", "sha256", "size", "epochs", "seed", "n_pairs", "n_train", "n_heldout",
+            "heldout_dice_mean", "heldout_dice_median", "heldout_dice_p10", "heldout_dice_min", "seconds")
+            if k in found.unet}
+    if lcfg.gallery_images:
+        shown = _gallery_rows(found.included, lcfg.gallery_images)
+        table = found.table.iloc[shown]
+        titles = [f"#{c} {s or 'no mask'}, lung {f:.2f}" + ("" if not e else f"\nexcluded: {e.split(':')[0]}")
+                  for c, s, f, e in zip(table["cache_index"], table["mask_source"], table["lung_fraction"],
+                                        table["excluded"], strict=True)]
+        gallery(np.asarray(images[index[shown]], dtype=np.float32), None, titles, run_dir / "gallery_lung_masks.png",
+                outlines=found.masks[shown], suptitle=f"lung masks of test images ({found.source})")
+        out["gallery"] = "gallery_lung_masks.png"
+    if len(keep) == 0:
+        out["note"] = "no test image has a usable lung mask: lung-only and non-lung images were not evaluated"
+        say(f"lung masks: {out['note']} (excluded: {out['excluded']})")
+        return out
+    say(f"lung masks: {len(keep)} of {len(index)} test images usable ({out['excluded'] or 'none excluded'})")
+    masks_t = torch.from_numpy(found.masks[keep]).unsqueeze(1)
+    where = {int(i): k for k, i in enumerate(index[keep])}
+    sub_rows = rows.iloc[keep]
+    sub_original = original.set_index("image_id").loc[sub_rows["image_id"].to_numpy()].reset_index()
+    metric_kw = {**eval_kw, "strata": [], "study_level": False}
+    out["original"] = {"metrics": evaluate_predictions(sub_original, **metric_kw)}
+    preds = {}
+    for name, apply in (("lung_only", lung_only), ("non_lung", non_lung)):
+        def transform(x, idx, apply=apply):
+            m = masks_t[torch.as_tensor([where[int(i)] for i in idx], dtype=torch.long)].to(x.device)
+            return apply(x, m)
+
+        probs = predict_proba(model, images, index[keep], batch_size=max(cfg.train.batch_size, 64),
+                              transform=transform)
+        pred = predictions_table(sub_rows, probs, eval_kw["classes"], target=cfg.cohort.target)
+        write_atomic(run_dir / f"predictions_{name}.csv", pred.to_csv(index=False))
+        preds[name] = pred
+        out[name] = {
+            "predictions": f"predictions_{name}.csv", "metrics": evaluate_predictions(pred, **metric_kw),
+            "comparison": compare_predictions(pred, sub_original, classes=eval_kw["classes"],
+                                              n_bootstrap=eval_kw["n_bootstrap"], seed=eval_kw["seed"],
+                                              level=eval_kw["level"]),
+        }
+    out["non_lung_vs_lung_only"] = compare_predictions(
+        preds["non_lung"], preds["lung_only"], classes=eval_kw["classes"], n_bootstrap=eval_kw["n_bootstrap"],
+        seed=eval_kw["seed"], level=eval_kw["level"])
+    return out
+
+
+def _gallery_rows(included: np.ndarray, n: int) -> np.ndarray:
+    """Up to ``n`` test rows for the mask gallery: a third excluded (if any), the rest usable, spread evenly."""
+    bad, good = np.flatnonzero(~included), np.flatnonzero(included)
+    n_bad = min(len(bad), n // 3 if len(good) else n)
+    n_good = min(len(good), n - n_bad)
+
+    def spread(rows: np.ndarray, k: int) -> np.ndarray:
+        return rows[np.linspace(0, len(rows) - 1, k).round().astype(int)] if k else rows[:0]
+
+    return np.sort(np.concatenate([spread(good, n_good), spread(bad, n_bad)]))
 
 
 def _labels_for(prep: Prepared) -> np.ndarray:
@@ -301,3 +399,19 @@ def _labels_for(prep: Prepared) -> np.ndarray:
     out = np.full(n, -1, dtype=np.int64)
     out[prep.cohort["cache_index"].to_numpy()] = prep.labels
     return out
+
+
+def _train_perturbations(cfg: ExperimentConfig) -> Callable | None:
+    """``perturb.train`` as one ``transform(batch, indices)``: what the CNN saw, for the reference model."""
+    if not cfg.perturb.train:
+        return None
+    from readingrace.predict import perturbation_transform
+
+    steps = [perturbation_transform(spec) for spec in cfg.perturb.train]
+
+    def transform(x, idx):
+        for step in steps:
+            x = step(x, idx)
+        return x
+
+    return transform

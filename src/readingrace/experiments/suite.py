@@ -1,4 +1,4 @@
-"""The paper's grid from one command: expand ``configs/paper`` into content-addressed runs.
+"""The paper's grid from one command: expand the shipped ``paper`` suite into content-addressed runs.
 
 A suite folder holds one YAML per experiment of the paper's Table 2 (``extends: _defaults.yaml``)
 with a top-level ``suite:`` mapping the suite reads and removes before the config is validated::
@@ -12,6 +12,12 @@ into :class:`PlannedRun` items, each with the fingerprint of its resolved config
 ``<out>/<id>/<dataset>/<fingerprint>/``, so a finished one is reported, not redone, and an
 interrupted one resumes. :func:`shard` partitions the plan deterministically (``--shard i/n``);
 every shard writes its own ``suite[-i-of-n].json`` index, merged later by ``readingrace collect``.
+
+An experiment of ``kind: external`` (A1-ext) with two or more usable datasets plans one training run
+per dataset (or reuses an identical one planned elsewhere, e.g. A1's first architecture) and one
+cell per ordered pair X != Y in ``<out>/<id>/<X>__on__<Y>/<fingerprint>/``: X's model on Y's test
+split. Cells run after every training run of the call; a cell whose training run is not finished
+(another shard) is recorded as ``waiting`` with the reason, and a rerun computes it.
 """
 
 from __future__ import annotations
@@ -34,9 +40,6 @@ DEFAULT_BLUR_SIGMAS = (1.0, 2.0, 4.0)
 
 #: Why a kind is not run by the suite (other commands do it).
 NOT_RUN_BY_SUITE = {
-    "external": "training on one dataset and testing on another: run the A1 suite on both, then "
-                "`readingrace predict RUN_DIR` with the other dataset for each ordered pair (not automated yet)",
-    "probe": "frozen-feature probes (A3) are run by `readingrace probe`, not by the suite",
     "explain": "Grad-CAM galleries and occlusion (C3) are run by the explain commands on a finished A1 run; "
                "the report shows their galleries when present",
 }
@@ -55,6 +58,10 @@ class SuiteSpec:
     grid: str | list[dict[str, Any]]
     config: dict[str, Any]
     path: str
+    #: With target race, keep only these classes (A2: the paper's Black vs White); other targets ignore it.
+    race_classes: list[str] = field(default_factory=list)
+    #: C3: a ``--data NAME=PATH`` of kind ``lung_masks`` (image/mask pairs) trains the lung U-Net.
+    lung_masks: bool = False
 
 
 @dataclass
@@ -74,12 +81,20 @@ class PlannedRun:
     run_dir: str  # relative to the suite output folder
     config: dict[str, Any] = field(repr=False)
     data_root: str | None = field(default=None, repr=False)
+    #: External cells (kind "external"): the model trained on ``trained_on`` (its run folder, relative to
+    #: the suite output folder) tested on ``tested_on`` (``config`` is that cohort's config).
+    trained_on: str | None = None
+    tested_on: str | None = None
+    trained_run_dir: str | None = None
 
     def entry(self) -> dict[str, Any]:
         """The index row (no config, no machine path)."""
         d = asdict(self)
         d.pop("config")
         d.pop("data_root")
+        if self.kind != "external":
+            for k in ("trained_on", "tested_on", "trained_run_dir"):
+                d.pop(k)
         return d
 
 
@@ -99,16 +114,41 @@ class Plan:
 
 
 # -- reading the suite folder ------------------------------------------------------------------
+def _holds_yaml(folder: Any) -> bool:
+    """Whether a folder (a Path or an importlib.resources Traversable) holds any ``*.yaml`` file."""
+    return folder.is_dir() and any(c.name.endswith(".yaml") and c.is_file() for c in folder.iterdir())
+
+
+def shipped_suites() -> list[str]:
+    """Names of the suites shipped with the package (folders of YAMLs under ``readingrace/configs/``)."""
+    from importlib import resources
+
+    return sorted(c.name for c in (resources.files("readingrace") / "configs").iterdir() if _holds_yaml(c))
+
+
 def resolve_suite_dir(name_or_path: str | Path) -> Path:
-    """``paper`` -> ``configs/paper`` (here, or in the source checkout); a folder path as given."""
+    """A folder of experiment YAMLs as given, or the name of a suite shipped with the package.
+
+    ``paper`` -> the package's ``readingrace/configs/paper`` (found through :mod:`importlib.resources`,
+    so it works from an installed package and from any working directory). A folder holding ``*.yaml``
+    files wins over a shipped name; an existing folder without any is refused.
+    """
+    from importlib import resources
+
     p = Path(name_or_path)
-    if p.is_dir():
+    if _holds_yaml(p):
         return p
-    for base in (Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"):
-        if (base / str(name_or_path)).is_dir():
-            return base / str(name_or_path)
-    raise ConfigError(f"suite {name_or_path!r} not found: give a folder of experiment YAMLs or a name under configs/ "
-                      "(e.g. 'paper')")
+    if p.name == str(name_or_path) and p.name not in ("", ".", ".."):  # a bare name: a shipped suite?
+        shipped = resources.files("readingrace") / "configs" / p.name
+        if _holds_yaml(shipped):
+            if not isinstance(shipped, Path):
+                raise ConfigError(f"suite {p.name!r} is shipped inside a zipped package ({shipped}); install "
+                                  "readingrace unzipped (pip install) or pass the folder of experiment YAMLs")
+            return shipped
+    where = f"give a folder of experiment YAMLs or the name of a shipped suite ({', '.join(shipped_suites())})"
+    if p.is_dir():
+        raise ConfigError(f"{p}: no experiment YAML (*.yaml) in this folder; {where}")
+    raise ConfigError(f"suite {str(name_or_path)!r} not found: {where}")
 
 
 def _read_side(folder: Path, name: str) -> dict[str, Any]:
@@ -134,7 +174,9 @@ def load_specs(folder: str | Path) -> list[SuiteSpec]:
         specs.append(SuiteSpec(id=str(meta["id"]), family=str(meta.get("family", meta["id"])),
                                title=str(meta.get("title", "")), paper=str(meta.get("paper", "")),
                                needs=[needs] if isinstance(needs, str) else list(needs), kind=kind,
-                               grid=meta.get("grid", "none") or "none", config=data, path=path.name))
+                               grid=meta.get("grid", "none") or "none", config=data, path=path.name,
+                               race_classes=[str(c) for c in meta.get("race_classes", [])],
+                               lung_masks=bool(meta.get("lung_masks", False))))
     ids = [s.id for s in specs]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -177,8 +219,14 @@ def _perturb(spec: dict[str, Any]) -> dict[str, Any]:
 def grid_points(name: str | list[dict[str, Any]], *, params: dict[str, Any], base: dict[str, Any]
                 ) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """Named grid -> [(label, point parameters, config overrides)]; a list is taken as override sets."""
-    from readingrace.imaging.perturb import (PAPER_BAND_EDGES, PAPER_CLIP_THRESHOLD, PAPER_NOISE_VARIANCE,
-                                              PAPER_RADII, PAPER_RESOLUTIONS, paper_cells)
+    from readingrace.imaging.perturb import (
+        PAPER_BAND_EDGES,
+        PAPER_CLIP_THRESHOLD,
+        PAPER_NOISE_VARIANCE,
+        PAPER_RADII,
+        PAPER_RESOLUTIONS,
+        paper_cells,
+    )
 
     if isinstance(name, list):
         return [(f"point-{k}", {"point": k}, o) for k, o in enumerate(name)]
@@ -268,6 +316,7 @@ def expand_suite(folder: str | Path, *, data: dict[str, str], budget: str = "ful
                           f"ids: {[s.id for s in specs]}")
     runs: list[PlannedRun] = []
     skipped: list[Skipped] = []
+    externals: list[tuple[SuiteSpec, list[PlannedRun]]] = []
     for spec in specs:
         if only and spec.id not in only and spec.family not in only:
             continue
@@ -279,6 +328,7 @@ def expand_suite(folder: str | Path, *, data: dict[str, str], budget: str = "ful
         if spec.kind in NOT_RUN_BY_SUITE:
             skipped += [Skipped(spec.id, n, NOT_RUN_BY_SUITE[spec.kind]) for n in matches]
             continue
+        trained: list[PlannedRun] = []  # kind external: one training run per dataset, cells after
         for name in matches:
             ds = datasets[name]
             target = attribute or spec.config.get("cohort", {}).get("target", "race")
@@ -292,23 +342,131 @@ def expand_suite(folder: str | Path, *, data: dict[str, str], budget: str = "ful
             base = deep_merge(base, prof.get("config") or {})
             if overrides:
                 base = deep_merge(base, overrides)
+            base, data_root = dataset_input(name, ds, data[name], base)
+            if spec.race_classes and target == "race":
+                base = deep_merge(base, {"cohort": {"where": {"race": list(spec.race_classes)}}})
+            if spec.lung_masks:
+                base, note = _with_lung_masks(base, data, datasets)
+                if note:
+                    skipped.append(Skipped(f"{spec.id} (lung-only, non-lung)", name, note))
+            if spec.kind == "probe":  # A3: the dataset's own finding labels for the disease model
+                base = deep_merge({"disease": {"labels": "nih" if ds["source"] == "nih" else "chexpert"}}, base)
             if spec.kind == "confounders":
                 conf = dict(base.get("confounders") or {})
                 conf.setdefault("label_cols", _label_cols(ds["source"]))
                 base["confounders"] = conf
             for label, point, over in grid_points(spec.grid, params=prof.get("grids") or {}, base=base):
                 cfg_dict = deep_merge(base, over)
+                empty = _empty_filter(cfg_dict)
+                if empty:
+                    skipped.append(Skipped(spec.id, name, f"{label}: {empty}"))
+                    continue
                 cfg_dict["name"] = f"{spec.id} {label}" if label != "baseline" else spec.id
                 try:
                     cfg = config_from_dict(copy.deepcopy(cfg_dict))
                 except ConfigError as exc:
                     raise ConfigError(f"{folder / spec.path} ({name}, {label}): {exc}") from None
                 fp = cfg.fingerprint()
-                runs.append(PlannedRun(id=spec.id, family=spec.family, title=spec.title, paper=spec.paper,
-                                       kind=spec.kind, dataset=name, attribute=target, label=label, point=point,
-                                       fingerprint=fp, run_dir=f"{spec.id}/{name}/{fp}", config=cfg_dict,
-                                       data_root=data[name]))
+                run = PlannedRun(id=spec.id, family=spec.family, title=spec.title, paper=spec.paper,
+                                 kind="train" if spec.kind == "external" else spec.kind, dataset=name,
+                                 attribute=target, label=label, point=point, fingerprint=fp,
+                                 run_dir=f"{spec.id}/{name}/{fp}", config=cfg_dict, data_root=data_root)
+                (trained if spec.kind == "external" else runs).append(run)
+        if spec.kind == "external":
+            if len({r.dataset for r in trained}) != len(trained):
+                raise ConfigError(f"{folder / spec.path}: an external experiment trains one model per dataset; "
+                                  "use 'grid: none'")
+            if len(trained) < 2:
+                given = [r.dataset for r in trained] or sorted(data)
+                skipped.append(Skipped(spec.id, trained[0].dataset if trained else None,
+                                       f"trains on one dataset and tests on another: needs two or more datasets of "
+                                       f"kind {spec.needs} that record the target; usable here: {given}. For one "
+                                       "dataset against a generated site, add --data synthetic=SITE.yaml, or use "
+                                       "`readingrace external` on finished runs"))
+            else:
+                externals.append((spec, trained))
+    for spec, trained in externals:  # after every spec: reuse an identical training run planned elsewhere
+        runs += external_cells(spec, trained, runs)
     return Plan(runs=runs, skipped=skipped)
+
+
+def dataset_input(name: str, ds: dict[str, Any], path: str, base: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """What ``--data NAME=PATH`` means: the data folder, except for a generated (synthetic) source given a
+    YAML file, whose generator options (``cohort.options`` of an experiment YAML, or a bare mapping of
+    options) define the site; its images are then generated into the cache ($READINGRACE_CACHE)."""
+    if ds.get("source") != "synthetic" or Path(path).suffix.lower() not in (".yaml", ".yml"):
+        return base, path
+    if not Path(path).is_file():
+        raise ConfigError(f"--data {name}={path}: no such file; give a YAML of synthetic options (or an experiment "
+                          "YAML with cohort.options), or a folder to write the generated images into")
+    spec = read_yaml(path)
+    options = (spec.get("cohort") or {}).get("options", {}) if "cohort" in spec else spec
+    if not isinstance(options, dict):
+        raise ConfigError(f"--data {name}={path}: cohort.options must be a mapping of synthetic generator options")
+    return deep_merge(base, {"cohort": {"options": options}}), None
+
+
+def external_cells(spec: SuiteSpec, trained: list[PlannedRun], runs: list[PlannedRun]) -> list[PlannedRun]:
+    """The training runs an external spec still needs plus one cell per ordered pair (X != Y).
+
+    A training run identical to one already planned (same dataset and fingerprint: A1's first
+    architecture, with the same budget) is not planned twice; the cells read that run's folder.
+    A cell tests X's model on Y's test split (Y's config, split as Y's own run splits it).
+    """
+    import hashlib
+
+    source: dict[str, PlannedRun] = {}
+    new: list[PlannedRun] = []
+    for t in trained:
+        same = next((r for r in runs if r.kind == "train" and r.dataset == t.dataset and r.fingerprint == t.fingerprint),
+                    None)
+        if same is None:
+            new.append(t)
+        source[t.dataset] = same or t
+    for x, tx in source.items():
+        for y, ty in source.items():
+            if x == y:
+                continue
+            key = {"trained": [x, tx.fingerprint], "tested": [y, ty.fingerprint], "split": "test"}
+            fp = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+            new.append(PlannedRun(id=spec.id, family=spec.family, title=spec.title, paper=spec.paper, kind="external",
+                                  dataset=y, attribute=ty.attribute, label=f"{x} -> {y}",
+                                  point={"trained_on": x, "tested_on": y}, fingerprint=fp,
+                                  run_dir=f"{spec.id}/{x}__on__{y}/{fp}", config=ty.config, data_root=ty.data_root,
+                                  trained_on=x, tested_on=y, trained_run_dir=tx.run_dir))
+    return new
+
+
+def _with_lung_masks(base: dict[str, Any], data: dict[str, str], datasets: dict[str, Any]
+                     ) -> tuple[dict[str, Any], str | None]:
+    """C3: point ``evaluate.lungs.unet_pairs`` at the given lung-mask pairs, or say why lungs are not run."""
+    given = [n for n in data if datasets[n].get("kind") == "lung_masks"]
+    if not given:
+        return base, ("lung-only and non-lung test images need lung masks: add --data lungs=FOLDER (image/mask "
+                      "pairs listed in FOLDER/pairs.csv) to train the lung U-Net; Grad-CAM and occlusion still run")
+    path = Path(data[given[0]]).expanduser().resolve()
+    pairs = path / "pairs.csv" if path.is_dir() else path
+    return deep_merge(base, {"evaluate": {"lungs": {"unet_pairs": str(pairs)}}}), None
+
+
+def _empty_filter(cfg_dict: dict[str, Any]) -> str | None:
+    """Why a grid point's Fourier filter keeps no frequency at the run's image size (else None).
+
+    E.g. high-pass d = 200 (pixels at 224) at 64 px: the spectrum ends at radius ~45 there, so the
+    images would be blank; such a point is skipped with this reason rather than trained.
+    """
+    from readingrace.imaging.perturb import frequency_mask
+
+    size = int((cfg_dict.get("image") or {}).get("size", 64))
+    for spec in (cfg_dict.get("perturb") or {}).get("train", []):
+        if spec.get("name") != "fourier":
+            continue
+        opts = {k: v for k, v in spec.items() if k in ("unit", "reference_size")}
+        radius = tuple(spec["radius"]) if isinstance(spec["radius"], list) else spec["radius"]
+        if not bool(frequency_mask(size, size, kind=spec["kind"], radius=radius, **opts).any()):
+            return (f"at {size} px this {spec['kind']} filter keeps no frequency (the images would be blank); "
+                    "not trained")
+    return None
 
 
 def shard(runs: Sequence[PlannedRun], i: int, n: int) -> list[PlannedRun]:
@@ -340,6 +498,8 @@ def run_suite(folder: str | Path, *, data: dict[str, str], out: str | Path, budg
     out = Path(out)
     plan = expand_suite(folder, data=data, budget=budget, attribute=attribute, only=only, overrides=overrides)
     runs = shard(plan.runs, *shard_) if shard_ else plan.runs
+    # external cells read trained runs: after every training run of this call
+    runs = [r for r in runs if r.kind != "external"] + [r for r in runs if r.kind == "external"]
     index: dict[str, Any] = {"suite": str(Path(folder).name), "budget": budget, "attribute": attribute,
                              "datasets": sorted(data), "shard": list(shard_) if shard_ else None,
                              "planned": len(plan.runs), "entries": [],
@@ -366,8 +526,13 @@ def run_suite(folder: str | Path, *, data: dict[str, str], out: str | Path, budg
         t0 = time.perf_counter()
         say(f"[{k}/{len(runs)}] {r.id} {r.label} on {r.dataset} -> {r.run_dir}")
         try:
-            entry.update(_run_one(r, out / r.run_dir, say=say))
-            entry["status"] = "done"
+            blocked = _cell_blocked(r, out, index["entries"])
+            if blocked:
+                entry.update(status=blocked[0], reason=blocked[1])
+                say(f"  {blocked[0]}: {blocked[1]}")
+            else:
+                entry.update(_run_one(r, out, say=say))
+                entry["status"] = "done"
         except KeyboardInterrupt:
             entry.update(status="interrupted", reason="interrupted; rerun the same command to resume")
             write_json(path, _finish(index, t_suite))
@@ -375,7 +540,7 @@ def run_suite(folder: str | Path, *, data: dict[str, str], out: str | Path, budg
         except ReadingRaceError as exc:
             entry.update(status="failed", reason=str(exc))
             say(f"  failed: {exc}")
-        except Exception as exc:  # a bug in one run must not lose the rest of the grid
+        except Exception as exc:  # noqa: BLE001 - a bug in one run must not lose the rest of the grid
             entry.update(status="failed", reason=f"{type(exc).__name__}: {exc}",
                          traceback=traceback.format_exc(limit=5))
             say(f"  failed: {type(exc).__name__}: {exc}")
@@ -397,10 +562,41 @@ def _finish(index: dict[str, Any], t0: float) -> dict[str, Any]:
     return index
 
 
-def _run_one(r: PlannedRun, run_dir: Path, *, say: Callable[[str], None]) -> dict[str, Any]:
+def _cell_blocked(r: PlannedRun, out: Path, entries: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """Why an external cell cannot run yet (status, reason), or None when its trained run is finished."""
+    if r.kind != "external" or (out / str(r.trained_run_dir) / "metrics.json").is_file():
+        return None
+    failed = next((e for e in entries if e.get("run_dir") == r.trained_run_dir and e.get("status") == "failed"), None)
+    if failed:
+        return "blocked", (f"trained run on {r.trained_on} failed ({str(failed.get('reason', ''))[:200]}): fix it, "
+                           "then rerun this command")
+    return "waiting", f"trained run on {r.trained_on} not finished: run its shard first, then rerun this command"
+
+
+def _run_external(r: PlannedRun, out: Path, *, say: Callable[[str], None]) -> dict[str, Any]:
+    """One external cell: the model of ``r.trained_run_dir`` on the test split of ``r.tested_on``."""
+    from readingrace.experiments.external import cohort_from_config, predict_run
+
+    cfg = config_from_dict(copy.deepcopy(r.config))
+    other = cohort_from_config(cfg, name=r.tested_on, data_root=r.data_root, split="test")
+    metrics = predict_run(out / str(r.trained_run_dir), other, out=out / r.run_dir, trained_on=r.trained_on,
+                          say=lambda m: say(f"  {m}"))
+    return {**_metrics_summary(metrics), "input_mode": metrics.get("input_mode"), "reused": metrics["reused"]}
+
+
+def _run_one(r: PlannedRun, out: Path, *, say: Callable[[str], None]) -> dict[str, Any]:
+    if r.kind == "external":
+        return _run_external(r, out, say=say)
+    run_dir = out / r.run_dir
     cfg: ExperimentConfig = config_from_dict(copy.deepcopy(r.config))
     if r.kind == "confounders":
         return _run_confounders(cfg, run_dir, data_root=r.data_root)
+    if r.kind == "probe":
+        from readingrace.experiments.a3 import run_a3
+
+        reused = (run_dir / "metrics.json").exists()
+        metrics = run_a3(cfg, out=run_dir, data_root=r.data_root, say=lambda m: say(f"  {m}"))
+        return {**_metrics_summary(metrics), "reused": reused}
     from readingrace.experiments.run import run_experiment
 
     reused = (run_dir / "metrics.json").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,8 +18,12 @@ from torch import nn
 
 from readingrace.errors import ReadingRaceError
 from readingrace.explain.gradcam import GradCAMExplainer
+from readingrace.imaging.perturb import hot_box
 
-__all__ = ["gallery", "gradcam_galleries", "select_cases"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["gallery", "gallery_figure", "gradcam_galleries", "select_cases"]
 
 
 def _as_array(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
@@ -30,33 +35,48 @@ def _as_array(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
-def gallery(
+def gallery_figure(
     images: np.ndarray | torch.Tensor,
     heatmaps: np.ndarray | torch.Tensor | None,
     titles: Sequence[str],
-    path: str | Path,
     *,
     ncols: int = 6,
     alpha: float = 0.4,
     cmap: str = "jet",
     suptitle: str | None = None,
     dpi: int = 100,
-) -> Path:
-    """Write a PNG grid of (N, H, W) images in [0, 1], each overlaid with its heatmap in [0, 1].
+    boxes: np.ndarray | torch.Tensor | None = None,
+    outlines: np.ndarray | torch.Tensor | None = None,
+) -> Figure:
+    """The matplotlib Figure that :func:`gallery` saves (one axis per image, in order).
 
-    ``heatmaps=None`` draws the images alone. Returns the written path.
+    ``boxes`` (N, 4) ``(y0, y1, x0, x1)``, end-exclusive pixel rows and columns as in
+    :func:`~readingrace.imaging.perturb.hot_box`, are drawn as white rectangles along the pixel
+    edges; an empty box (zero area) draws nothing. ``outlines`` (N, H, W) bool masks are drawn as
+    red contours.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
     imgs = _as_array(images, "images")
     heats = None if heatmaps is None else _as_array(heatmaps, "heatmaps")
     n = len(imgs)
     if n == 0:
-        raise ReadingRaceError(f"gallery: no images to draw for {path}")
+        raise ReadingRaceError("gallery: no images to draw")
     if heats is not None and heats.shape != imgs.shape:
         raise ReadingRaceError(f"gallery: heatmaps {heats.shape} do not match images {imgs.shape}; "
                                "compute the heat at the image size")
+    box_arr = None
+    if boxes is not None:
+        box_arr = (boxes.detach().cpu().numpy() if isinstance(boxes, torch.Tensor) else np.asarray(boxes)).astype(int)
+        if box_arr.shape != (n, 4):
+            raise ReadingRaceError(f"gallery: boxes must have shape ({n}, 4) (y0, y1, x0, x1), got {box_arr.shape}")
+    masks = None
+    if outlines is not None:
+        masks = _as_array(outlines, "outlines") > 0.5
+        if masks.shape != imgs.shape:
+            raise ReadingRaceError(f"gallery: outlines {masks.shape} do not match images {imgs.shape}")
     if len(titles) != n:
         raise ReadingRaceError(f"gallery: {len(titles)} titles for {n} images")
     if ncols < 1:
@@ -73,10 +93,44 @@ def gallery(
         ax.imshow(imgs[k], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         if heats is not None:
             ax.imshow(heats[k], cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha, interpolation="bilinear")
+        if masks is not None and masks[k].any() and not masks[k].all():
+            ax.contour(masks[k].astype(np.float32), levels=[0.5], colors="red", linewidths=0.8)
+        if box_arr is not None:
+            y0, y1, x0, x1 = (int(v) for v in box_arr[k])
+            if y1 > y0 and x1 > x0:  # pixel i spans [i - 0.5, i + 0.5] in imshow's coordinates
+                ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="white",
+                                       linewidth=1.2, gid="hot_box"))
         ax.set_title(str(titles[k]), fontsize=7)
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def gallery(
+    images: np.ndarray | torch.Tensor,
+    heatmaps: np.ndarray | torch.Tensor | None,
+    titles: Sequence[str],
+    path: str | Path,
+    *,
+    ncols: int = 6,
+    alpha: float = 0.4,
+    cmap: str = "jet",
+    suptitle: str | None = None,
+    dpi: int = 100,
+    boxes: np.ndarray | torch.Tensor | None = None,
+    outlines: np.ndarray | torch.Tensor | None = None,
+) -> Path:
+    """Write a PNG grid of (N, H, W) images in [0, 1], each overlaid with its heatmap in [0, 1].
+
+    ``heatmaps=None`` draws the images alone; ``boxes`` and ``outlines`` as in :func:`gallery_figure`.
+    Returns the written path.
+    """
+    try:
+        fig = gallery_figure(images, heatmaps, titles, ncols=ncols, alpha=alpha, cmap=cmap, suptitle=suptitle,
+                             dpi=dpi, boxes=boxes, outlines=outlines)
+    except ReadingRaceError as exc:
+        raise ReadingRaceError(f"{exc} ({path})") from None
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
@@ -121,6 +175,7 @@ def gradcam_galleries(
     index: Sequence[int] | np.ndarray | None = None,
     layer: str | None = None,
     ncols: int = 6,
+    box_threshold: float | None = None,
 ) -> list[Path]:
     """One Grad-CAM gallery PNG per class and outcome (correct / wrong); returns the files written.
 
@@ -129,7 +184,10 @@ def gradcam_galleries(
     ``cache_index`` column (merge it from ``cohort.csv`` by ``image_id``). Each gallery shows up to
     ``per_group`` images of one true class, the most confident predictions first, with the
     Grad-CAM of the predicted class; titles give the cache index, true and predicted class and the
-    confidence. A group with no image writes no file.
+    confidence. A group with no image writes no file. With ``box_threshold`` (e.g. the run's
+    ``evaluate.occlusion_threshold``) each image also shows the hot box that the occlusion test
+    blanks: the bounding rectangle of heat >= ``box_threshold``
+    (:func:`~readingrace.imaging.perturb.hot_box` of the same heat).
     """
     classes = [str(c) for c in classes]
     if index is None:
@@ -154,10 +212,14 @@ def gradcam_galleries(
         x = torch.from_numpy(np.asarray(images[pos], dtype=np.float32)).unsqueeze(1)
         target = torch.as_tensor([classes.index(p) for p in rows["predicted"]])
         heat, _ = explain(x, target, pos)
+        boxes = None
+        if box_threshold is not None:
+            boxes = hot_box(heat.cpu(), threshold=box_threshold, image_size=tuple(heat.shape[-2:]))
         titles = [f"#{p} true {cls} / pred {pr} ({conf:.2f})"
                   for p, pr, conf in zip(pos, rows["predicted"], rows["confidence"], strict=True)]
         path = out_dir / f"gradcam_{_slug(cls)}_{outcome}.png"
-        gallery(x[:, 0], heat, titles, path, ncols=ncols,
-                suptitle=f"true {cls}, {outcome} predictions (Grad-CAM of the predicted class)")
+        note = "" if box_threshold is None else f"; box: heat >= {box_threshold:g}"
+        gallery(x[:, 0], heat, titles, path, ncols=ncols, boxes=boxes,
+                suptitle=f"true {cls}, {outcome} predictions (Grad-CAM of the predicted class{note})")
         written.append(path)
     return written

@@ -2,7 +2,9 @@
 
 Reads ``suite*.json`` indexes and each run's ``metrics.json`` / ``config.yaml``; never trains. The
 tidy table has one row per (run, class) with ``auc, ci_lo, ci_hi`` (class ``macro`` for the macro
-average), the experiment id, family, dataset, attribute, grid point and the run folder.
+average), the experiment id, family, dataset, attribute, grid point and the run folder, and, where the run
+fitted the thumbnail reference, its AUC (``ref_auc, ref_ci_lo, ref_ci_hi``) and the paired CNN - reference
+difference (``ref_diff, ref_diff_lo, ref_diff_hi``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class Collected:
     tidy: pd.DataFrame
     out: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    #: External validation (A1-ext): matrix title -> cells (``experiments.external.cell_record``), cell
+    #: folders absolute.
+    external: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def _read_run(run_dir: Path, meta: dict[str, Any] | None = None) -> RunRecord | None:
@@ -81,6 +86,8 @@ def gather(paths: list[str | Path]) -> tuple[list[RunRecord], list[dict[str, Any
     for p in map(Path, paths):
         if not p.exists():
             raise ConfigError(f"{p}: no such run or suite folder")
+        if _external_index(p) is not None:
+            continue  # a `readingrace external` folder: read by gather_external
         if (p / "metrics.json").is_file():
             rec = _read_run(p)
             if rec:
@@ -97,10 +104,93 @@ def gather(paths: list[str | Path]) -> tuple[list[RunRecord], list[dict[str, Any
                 if key in entries and entries[key].get("status") == "done" and e.get("status") != "done":
                     continue  # another shard (or a later rerun) finished it
                 entries[key] = e
+                if e.get("kind") == "external":
+                    continue  # a cell of the external matrix (gather_external), not a trained run
                 rec = _read_run(root / e["run_dir"], e) if e.get("status") in ("done", "planned") else None
                 if rec:
                     runs[(root / e["run_dir"]).resolve()] = rec
     return list(runs.values()), list(entries.values()), list(skipped.values())
+
+
+EXTERNAL_INDEX = "external.json"
+
+
+def _external_index(p: Path) -> Path | None:
+    """The ``external.json`` of a `readingrace external` folder (or the file itself), else None."""
+    if p.is_file() and p.name == EXTERNAL_INDEX:
+        return p
+    if p.is_dir() and (p / EXTERNAL_INDEX).is_file() and not (p / "metrics.json").is_file():
+        return p / EXTERNAL_INDEX
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _put_cell(cells: dict[tuple[str, str], dict[str, Any]], cell: dict[str, Any]) -> None:
+    key = (cell["trained_on"], cell["tested_on"])
+    if key not in cells or cells[key].get("status") != "done" or cell.get("status") == "done":
+        cells[key] = cell
+
+
+def gather_external(paths: list[str | Path]) -> dict[str, list[dict[str, Any]]]:
+    """External-validation matrices (title -> cells) from `readingrace external` folders (their
+    ``external.json``) and from the external cells of suite indexes, shards merged; a suite matrix's
+    diagonal is read from each trained run's own metrics.json."""
+    from readingrace.experiments.external import cell_record
+    from readingrace.experiments.suite import read_indexes
+
+    groups: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+    for p in map(Path, paths):
+        idx = _external_index(p)
+        if idx is not None:
+            data = _read_json(idx)
+            if data is None or not isinstance(data.get("cells"), list):
+                raise ConfigError(f"{idx}: not a valid external.json; rerun `readingrace external`")
+            cells = groups.setdefault(f"{idx.parent.resolve().name}", {})
+            for c in data["cells"]:
+                c = dict(c)
+                if c.get("cell_dir"):
+                    c["cell_dir"] = str((idx.parent / c["cell_dir"]).resolve())
+                _put_cell(cells, c)
+            continue
+        if not p.is_dir() or (p / "metrics.json").is_file():
+            continue
+        for root, index in read_indexes([p]):
+            for e in index.get("entries", []):
+                if e.get("kind") != "external":
+                    continue
+                cells = groups.setdefault(f"{e['id']} ({e.get('attribute')})", {})
+                cell_dir = (root / e["run_dir"]).resolve()
+                status, reason = e.get("status", "planned"), e.get("reason", "")
+                m = _read_json(cell_dir / "metrics.json") if status == "done" else None
+                if status == "done" and m is None:
+                    status, reason = "missing", f"no metrics.json in {cell_dir.name}; rerun the suite"
+                _put_cell(cells, cell_record(m, trained_on=e["trained_on"], tested_on=e["tested_on"],
+                                             cell_dir=cell_dir, input_mode=(m or {}).get("input_mode"),
+                                             status=status, reason=reason, reused=bool(e.get("reused"))))
+                trained = root / str(e.get("trained_run_dir"))
+                tm = _read_json(trained / "metrics.json")
+                if tm is not None:
+                    cfg = yaml.safe_load((trained / "config.yaml").read_text()) if (trained / "config.yaml").is_file() else {}
+                    _put_cell(cells, cell_record(tm, trained_on=e["trained_on"], tested_on=e["trained_on"],
+                                                 internal=True, cell_dir=trained.resolve(),
+                                                 input_mode=((cfg or {}).get("image") or {}).get("mode", "stretch")))
+    return {title: list(cells.values()) for title, cells in groups.items()}
+
+
+def external_stem(title: str) -> str:
+    """File stem of an external matrix in the collected tables: ``A1-ext (sex)`` -> ``external-A1-ext_sex``."""
+    return "external-" + "_".join("".join(ch if ch.isalnum() or ch in "-." else " " for ch in title).split())
+
+
+#: C3 lung evaluations (metrics["localisation"]["lungs"]) and their row labels in the test-time table.
+LUNG_TESTS = (("original", "original, images with a usable lung mask"), ("lung_only", "lung-only images"),
+              ("non_lung", "non-lung images"))
 
 
 def tidy_table(runs: list[RunRecord]) -> pd.DataFrame:
@@ -113,25 +203,51 @@ def tidy_table(runs: list[RunRecord]) -> pd.DataFrame:
                 "n_test_images": m.get("n_images"), "run_dir": str(r.run_dir)}
         for cls, pc in (m.get("per_class") or {}).items():
             ci = pc.get("auc_ci") or [None, None]
-            rows.append({**base, "class": cls, "auc": pc.get("auc"), "ci_lo": ci[0], "ci_hi": ci[1]})
+            rows.append({**base, "class": cls, "auc": pc.get("auc"), "ci_lo": ci[0], "ci_hi": ci[1],
+                         **_reference_cells(m, cls)})
         ci = m.get("macro_auc_ci") or [None, None]
-        rows.append({**base, "class": "macro", "auc": m.get("macro_auc"), "ci_lo": ci[0], "ci_hi": ci[1]})
+        rows.append({**base, "class": "macro", "auc": m.get("macro_auc"), "ci_lo": ci[0], "ci_hi": ci[1],
+                     **_reference_cells(m, "macro")})
         tests = dict(m.get("test_perturbations") or {})
         occ = (m.get("localisation") or {}).get("occlusion")
         if occ:  # C3: the hottest Grad-CAM box occluded at test time
             tests[f"hot-box occlusion (heat >= {occ.get('threshold')})"] = occ
+        lungs = (m.get("localisation") or {}).get("lungs") or {}
+        for key, label in LUNG_TESTS:  # C3: the same model on the test images with a usable lung mask
+            if lungs.get(key):
+                tests[label] = lungs[key]
         for label, tp in tests.items():
             tm = tp.get("metrics") or {}
+            n_test = tm.get("n_images", base["n_test_images"])
             for cls, pc in (tm.get("per_class") or {}).items():
                 ci = pc.get("auc_ci") or [None, None]
                 rows.append({**base, "test_perturbation": label, "class": cls, "auc": pc.get("auc"),
-                             "ci_lo": ci[0], "ci_hi": ci[1]})
+                             "ci_lo": ci[0], "ci_hi": ci[1], "n_test_images": n_test})
             ci = tm.get("macro_auc_ci") or [None, None]
             rows.append({**base, "test_perturbation": label, "class": "macro", "auc": tm.get("macro_auc"),
-                         "ci_lo": ci[0], "ci_hi": ci[1]})
+                         "ci_lo": ci[0], "ci_hi": ci[1], "n_test_images": n_test})
     cols = ["id", "family", "dataset", "attribute", "label", *POINT_COLS, "test_perturbation", "class", "auc",
-            "ci_lo", "ci_hi", "n_test_images", "run_dir"]
+            "ci_lo", "ci_hi", "n_test_images", "run_dir", *REFERENCE_COLS]
     return pd.DataFrame(rows, columns=cols)
+
+
+#: The reference model (logistic regression on 32x32 thumbnails) and the paired CNN - reference difference.
+REFERENCE_COLS = ("ref_auc", "ref_ci_lo", "ref_ci_hi", "ref_diff", "ref_diff_lo", "ref_diff_hi")
+REFERENCE_AUC = "reference macro AUC [95% CI]"
+REFERENCE_DIFF = "CNN - reference, macro [95% CI]"
+
+
+def _reference_cells(m: dict[str, Any], cls: str) -> dict[str, Any]:
+    """A run's reference AUC and the paired difference for one class (``macro``: the macro values)."""
+    ref, cmp_ = m.get("reference") or {}, m.get("cnn_vs_reference") or {}
+    if cls == "macro":
+        auc, ci = ref.get("macro_auc"), ref.get("macro_auc_ci")
+        diff, dci = cmp_.get("macro_difference"), cmp_.get("macro_difference_ci")
+    else:
+        pr, pc = (ref.get("per_class") or {}).get(cls) or {}, (cmp_.get("per_class") or {}).get(cls) or {}
+        auc, ci, diff, dci = pr.get("auc"), pr.get("auc_ci"), pc.get("difference"), pc.get("difference_ci")
+    ci, dci = ci or [None, None], dci or [None, None]
+    return dict(zip(REFERENCE_COLS, (auc, ci[0], ci[1], diff, dci[0], dci[1])))
 
 
 def auc_text(row: pd.Series) -> str:
@@ -147,7 +263,25 @@ def wide_table(tidy: pd.DataFrame, id_: str, by: list[str]) -> pd.DataFrame:
     keys = ["dataset", *by]
     wide = part.pivot_table(index=keys, columns="class", values="AUC [95% CI]", aggfunc="first")
     classes = [c for c in wide.columns if c != "macro"] + (["macro"] if "macro" in wide.columns else [])
-    return wide[classes].reset_index()
+    wide = _one_column_if_binary(wide[classes])
+    macro = part[part["class"] == "macro"]
+    if "ref_auc" in macro and macro["ref_auc"].notna().any():  # beside the CNN: the thumbnail reference
+        cells = macro.assign(**{
+            REFERENCE_AUC: [fmt_ci(a, [lo, hi]) if pd.notna(a) else "" for a, lo, hi in
+                            zip(macro["ref_auc"], macro["ref_ci_lo"], macro["ref_ci_hi"])],
+            REFERENCE_DIFF: [fmt_ci(d, [lo, hi]) if pd.notna(d) else "" for d, lo, hi in
+                             zip(macro["ref_diff"], macro["ref_diff_lo"], macro["ref_diff_hi"])]})
+        wide = wide.join(cells.pivot_table(index=keys, values=[REFERENCE_AUC, REFERENCE_DIFF], aggfunc="first")
+                         [[REFERENCE_AUC, REFERENCE_DIFF]])
+    return wide.reset_index()
+
+
+def _one_column_if_binary(wide: pd.DataFrame) -> pd.DataFrame:
+    """Two classes: one-vs-rest AUCs of both classes and their mean are the same number; show it once."""
+    classes = [c for c in wide.columns if c != "macro"]
+    if len(classes) != 2 or "macro" not in wide.columns:
+        return wide
+    return wide[["macro"]].rename(columns={"macro": f"AUC ({classes[0]} vs {classes[1]})"})
 
 
 #: Per experiment id: the grid columns its table is laid out by.
@@ -170,8 +304,8 @@ def experiment_tables(tidy: pd.DataFrame) -> dict[str, pd.DataFrame]:
         tp = tidy[(tidy["id"] == id_) & (tidy["test_perturbation"] != "")].copy()
         if not tp.empty:
             tp["AUC [95% CI]"] = tp.apply(auc_text, axis=1)
-            w = tp.pivot_table(index=["dataset", "test_perturbation"], columns="class", values="AUC [95% CI]",
-                               aggfunc="first").reset_index()
+            w = _one_column_if_binary(tp.pivot_table(index=["dataset", "test_perturbation"], columns="class",
+                                                     values="AUC [95% CI]", aggfunc="first")).reset_index()
             out[f"{id_} (test-time)"] = w
     return out
 
@@ -180,7 +314,7 @@ def collect(paths: list[str | Path], *, out: str | Path | None = None, figures: 
     """Merge suites/runs; with ``out``, write ``results.csv``, ``index.csv``, per-experiment CSV/MD and figures."""
     runs, index, skipped = gather(paths)
     tidy = tidy_table(runs)
-    result = Collected(runs=runs, index=index, skipped=skipped, tidy=tidy)
+    result = Collected(runs=runs, index=index, skipped=skipped, tidy=tidy, external=gather_external(paths))
     if out is None:
         return result
     out = Path(out)
@@ -198,5 +332,15 @@ def collect(paths: list[str | Path], *, out: str | Path | None = None, figures: 
         from readingrace.report.figures import family_figures
 
         result.files.update(family_figures(tidy, out))
+    for title, cells in result.external.items():  # A1-ext: the trained-on x tested-on matrix
+        from readingrace.experiments.external import matrix_table, tidy_cells
+        from readingrace.report.figures import plot_external_matrix
+
+        stem = external_stem(title)
+        write_atomic(out / f"{stem}.csv", tidy_cells(cells).to_csv(index=False))
+        write_atomic(out / f"{stem}.md", md_table(matrix_table(cells).reset_index()) + "\n")
+        result.files[f"external {title}"] = out / f"{stem}.csv"
+        if figures and plot_external_matrix(cells, out / f"{stem}.png"):
+            result.files[f"external {title} figure"] = out / f"{stem}.png"
     result.out = out
     return result

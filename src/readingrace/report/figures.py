@@ -4,7 +4,9 @@
 * :func:`plot_resolution` - AUC vs image resolution (Figure 7);
 * :func:`plot_cell_maps` - 3x3 maps of AUC for drop-one and keep-one cells (Tables 7 and 8);
 * :func:`plot_band_maps` - d1 x d2 maps for band-pass and notch (Supplemental Tables 7 and 8);
+* :func:`plot_slice_position` - CT AUC by slice decile from one run's strata metrics (slice-wise results);
 * :func:`plot_flow` - the exclusion flow (CONSORT figure) from a manifest's flow table.
+* :func:`plot_external_matrix` - trained-on x tested-on heatmap of macro AUC with CIs (Table 4).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _line_panel(ax, part: pd.DataFrame, x: str, *, title: str, xlabel: str, log:
         y = d["auc"].astype(float).to_numpy()
         lo = d["ci_lo"].astype(float).to_numpy()
         hi = d["ci_hi"].astype(float).to_numpy()
-        style = dict(color="black", lw=2) if cls == "macro" else dict(color=colours[k % len(colours)])
+        style = {"color": "black", "lw": 2} if cls == "macro" else {"color": colours[k % len(colours)]}
         ax.plot(xs, y, marker="o", ms=3, label=cls, **style)
         ax.fill_between(xs, lo, hi, alpha=0.15, color=style["color"])
     ax.axhline(0.5, color="grey", ls=":", lw=0.8)
@@ -142,6 +144,66 @@ def plot_band_maps(tidy: pd.DataFrame, path: Path, *, cls: str = "macro") -> boo
     return True
 
 
+SLICE_STRATUM = "slice_decile"
+
+
+def slice_position_table(metrics: dict, *, stratum: str = SLICE_STRATUM) -> pd.DataFrame:
+    """AUC with its CI per slice decile and class (+ ``macro``) from a run's ``metrics["strata"][stratum]``.
+
+    Columns ``decile, class, auc, ci_lo, ci_hi, n_images``, sorted by decile; empty when the run was not
+    evaluated by that stratum. A decile with one class has no AUC (NaN).
+    """
+    levels = (metrics.get("strata") or {}).get(stratum) or {}
+    rows = []
+    for level, block in levels.items():
+        try:
+            decile = int(float(level))
+        except ValueError:
+            continue
+        entries = [(c, pc.get("auc"), pc.get("auc_ci")) for c, pc in (block.get("per_class") or {}).items()]
+        entries.append(("macro", block.get("macro_auc"), block.get("macro_auc_ci")))
+        for cls, auc, ci in entries:
+            lo, hi = ci if ci and len(ci) == 2 else (None, None)
+            rows.append({"decile": decile, "class": str(cls), "auc": auc, "ci_lo": lo, "ci_hi": hi,
+                         "n_images": block.get("n_images")})
+    out = pd.DataFrame(rows, columns=["decile", "class", "auc", "ci_lo", "ci_hi", "n_images"])
+    for c in ("auc", "ci_lo", "ci_hi"):
+        out[c] = pd.to_numeric(out[c], errors="coerce")
+    return out.sort_values(["decile", "class"], kind="stable").reset_index(drop=True)
+
+
+def plot_slice_position(metrics: dict, path: Path, *, title: str = "", stratum: str = SLICE_STRATUM) -> bool:
+    """The paper's CT "slice-wise results": AUC per class and macro against slice decile, 95% CI bars.
+
+    Decile 0 is the most inferior tenth of each series (:mod:`readingrace.cohort.sources.ct`). Returns
+    False (nothing written) when the run has no ``stratum`` metrics.
+    """
+    table = slice_position_table(metrics, stratum=stratum)
+    if table.empty or table["auc"].notna().sum() == 0:
+        return False
+    plt = _plt()
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    classes = sorted(c for c in table["class"].unique() if c != "macro") + ["macro"]
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=100)
+    width = 0.5 / max(len(classes), 1)
+    for k, cls in enumerate(classes):
+        d = table[table["class"] == cls]
+        x = d["decile"].to_numpy(float) + (k - (len(classes) - 1) / 2) * width  # side by side, not on top
+        y = d["auc"].to_numpy(float)
+        err = np.vstack([y - d["ci_lo"].to_numpy(float), d["ci_hi"].to_numpy(float) - y])
+        style = {"color": "black", "lw": 2} if cls == "macro" else {"color": colours[k % len(colours)], "lw": 1}
+        ax.errorbar(x, y, yerr=np.where(np.isnan(err), 0.0, err), marker="o", ms=3, capsize=2, label=cls, **style)
+    ax.axhline(0.5, color="grey", ls=":", lw=0.8)
+    ax.set_xticks(range(10))
+    ax.set(title=title or "AUC by slice position", xlabel="slice decile (0 = most inferior, 9 = most superior)",
+           ylabel="AUC (95% CI)", ylim=(0.0, 1.02), xlim=(-0.6, 9.6))
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def plot_flow(flow: pd.DataFrame, path: Path, *, title: str = "") -> bool:
     """CONSORT-style flow: one box per step with images (patients) remaining, exclusions at the side."""
     if flow.empty:
@@ -161,19 +223,52 @@ def plot_flow(flow: pd.DataFrame, path: Path, *, title: str = "") -> bool:
     ax.set_xlim(0, 10)
     ax.set_ylim(-(n + 0.5), 1)
     first = flow.iloc[0]
-    box = dict(boxstyle="round", fc="#eef3fb", ec="#2b5b9b")
+    box = {"boxstyle": "round", "fc": "#eef3fb", "ec": "#2b5b9b"}
     ax.text(3, 0.3, f"{first['images_before']} images ({first['patients_before']} patients)",
             ha="center", va="center", bbox=box, fontsize=8)
     for k, (_, s) in enumerate(flow.iterrows(), 1):
         y = -k + 0.3
-        ax.annotate("", xy=(3, y + 0.25), xytext=(3, y + 0.75), arrowprops=dict(arrowstyle="->"))
+        ax.annotate("", xy=(3, y + 0.25), xytext=(3, y + 0.75), arrowprops={"arrowstyle": "->"})
         ax.text(3, y, f"{s['images_after']} images ({s['patients_after']} patients)", ha="center", va="center",
                 bbox=box, fontsize=8)
         removed = int(s["images_before"]) - int(s["images_after"])
         ax.text(6.0, y + 0.5, f"{s['step']}: -{removed} images", ha="left", va="center", fontsize=7,
-                bbox=dict(boxstyle="round", fc="#fff4e5", ec="#b36b00"))
+                bbox={"boxstyle": "round", "fc": "#fff4e5", "ec": "#b36b00"})
     if title:
         ax.set_title(title, fontsize=9)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def plot_external_matrix(cells: list[dict], path: Path) -> bool:
+    """Table 4 as a heatmap: rows trained on, columns tested on, macro AUC with its CI in each cell;
+    the diagonal (each run's own internal test) outlined and marked "internal"."""
+    from readingrace.experiments.external import matrix_order
+
+    if not cells:
+        return False
+    rows, cols = matrix_order(cells)
+    vals = np.full((len(rows), len(cols)), np.nan)
+    text = [["" for _ in cols] for _ in rows]
+    for c in cells:
+        i, j = rows.index(c["trained_on"]), cols.index(c["tested_on"])
+        if c.get("status") == "done" and c.get("macro_auc") is not None:
+            vals[i, j] = float(c["macro_auc"])
+            lo, hi = (list(c.get("macro_auc_ci") or [None, None]) + [None, None])[:2]
+            ci = f"\n[{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
+            text[i][j] = f"{c['macro_auc']:.2f}{ci}" + ("\ninternal" if c.get("internal") else "")
+        else:
+            text[i][j] = "n/a" + ("" if c.get("status") == "done" else f"\n({c.get('status')})")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(cols), 1.2 + 1.1 * len(rows)), dpi=100)
+    im = _matrix_panel(ax, vals, text, title="External validation: macro AUC [95% CI]", xt=cols, yt=rows,
+                       xlabel="tested on", ylabel="trained on")
+    for c in cells:
+        if c.get("internal"):
+            i, j = rows.index(c["trained_on"]), cols.index(c["tested_on"])
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2, ls="--"))
+    fig.colorbar(im, ax=ax, shrink=0.8, label="macro AUC (colours clipped to 0.5-1)")
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return True

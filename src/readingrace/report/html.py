@@ -60,6 +60,73 @@ def _html_table(df: pd.DataFrame, links: dict[tuple[int, str], str] | None = Non
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
+def _md_cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _inline(text: str) -> str:
+    """Escape, then render the `code` spans of project-written Markdown."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if k % 2 else p for k, p in enumerate(parts))
+
+
+def markdown_blocks_html(text: str, *, heading: str = "h4") -> str:
+    """HTML for the Markdown the project writes itself (``confounders.md``): headings, pipe tables as
+    ``<table>``, bullet lists, paragraphs. Not a general Markdown renderer."""
+    out: list[str] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].rstrip()
+        if not line.strip():
+            i += 1
+        elif line.startswith("# "):  # the document's title: a note under the report's own heading
+            out.append(f"<p class='note'>{_inline(line[2:].strip())}</p>")
+            i += 1
+        elif line.startswith("#"):
+            out.append(f"<{heading}>{_inline(line.lstrip('#').strip())}</{heading}>")
+            i += 1
+        elif line.lstrip().startswith("|"):
+            block = []
+            while i < len(lines) and lines[i].lstrip().startswith("|"):
+                block.append(lines[i])
+                i += 1
+            header, body = _md_cells(block[0]), [_md_cells(b) for b in block[1:]]
+            body = [r for r in body if not all(set(c) <= set("-: ") for c in r)]  # the |---| rule
+            width = len(header)
+            body = [(r + [""] * width)[:width] for r in body]
+            out.append(_html_table(pd.DataFrame(body, columns=header)))
+        elif line.lstrip().startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].lstrip().startswith("- "):
+                items.append(f"<li>{_inline(lines[i].lstrip()[2:])}</li>")
+                i += 1
+            out.append(f"<ul>{''.join(items)}</ul>")
+        else:
+            para = []
+            while i < len(lines) and lines[i].strip() and not lines[i].lstrip().startswith(("#", "|", "- ")):
+                para.append(lines[i].strip())
+                i += 1
+            out.append(f"<p>{_inline(' '.join(para))}</p>")
+    return "\n".join(out)
+
+
+def _demote_markdown(text: str, levels: int = 2) -> str:
+    """Headings of an embedded Markdown document moved ``levels`` down, to sit under the report's own."""
+    return "\n".join("#" * levels + line if line.startswith("#") else line for line in text.splitlines())
+
+
+def _slice_figure(r: RunRecord, out: Path) -> Path | None:
+    """The run's AUC by slice position (CT, stratum ``slice_decile``) drawn into ``out``, if it has one."""
+    from readingrace.report.figures import SLICE_STRATUM, plot_slice_position
+
+    if SLICE_STRATUM not in (r.metrics.get("strata") or {}):
+        return None
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{r.id}-{r.dataset}-{r.run_dir.name}")
+    png = out / f"slice-position-{safe}.png"
+    return png if plot_slice_position(r.metrics, png, title=f"{r.id} ({r.dataset}): AUC by slice position") else None
+
+
 def _run_links(table: pd.DataFrame, tidy: pd.DataFrame, id_: str, out: Path) -> dict[tuple[int, str], str]:
     """(row, column) -> relative link to the run folder of that number."""
     part = tidy[(tidy["id"] == id_) & (tidy["test_perturbation"] == "")]
@@ -101,7 +168,7 @@ def _versions() -> dict[str, str]:
 
 def _commit() -> str:
     try:
-        res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+        res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent, check=False,
                              capture_output=True, text=True, timeout=10)
         return res.stdout.strip() or "unknown (not a git checkout)"
     except (OSError, subprocess.SubprocessError):
@@ -113,7 +180,7 @@ def methods_text(runs: list[RunRecord]) -> str:
     if not runs:
         return "No finished runs."
     cfgs = [r.config for r in runs if r.config]
-    pick = lambda f: sorted({str(f(c)) for c in cfgs})  # noqa: E731
+    pick = lambda f: sorted({str(f(c)) for c in cfgs})
     models = pick(lambda c: c["model"]["name"])
     sizes = pick(lambda c: c["image"]["size"])
     ratios = pick(lambda c: c["split"]["ratios"])
@@ -201,15 +268,21 @@ def _run_figures(runs: list[RunRecord], out: Path) -> tuple[str, str]:
     h, m = [], []
     for r in runs:
         figs = [(r.run_dir / "roc.png", "ROC curves per class"), (r.run_dir / "curves.png", "training curves")]
-        figs += [(p, "Grad-CAM gallery") for g in GALLERY_GLOBS for p in sorted(r.run_dir.glob(g))]
+        figs += [(p, "lung masks on test images" if "lung" in p.name else "Grad-CAM gallery")
+                 for g in GALLERY_GLOBS for p in sorted(r.run_dir.glob(g))]
         figs = [(p, a) for p, a in figs if p.is_file()]
+        slice_png = _slice_figure(r, out)
+        if slice_png:
+            figs.append((slice_png, "AUC by slice position"))
         if not figs:
             continue
         name = f"{r.id} {r.label} ({r.dataset})" if r.label != "baseline" else f"{r.id} ({r.dataset})"
-        h.append(f"<details><summary>{html.escape(name)}: ROC and training curves</summary>"
+        what = "ROC and training curves" + (", AUC by slice position" if slice_png else "")
+        h.append(f"<details><summary>{html.escape(name)}: {what}</summary>"
                  + "".join(_img_tag(p, f"{a}: {name}") for p, a in figs) + "</details>")
         rel = os.path.relpath(r.run_dir, out)
-        m.append(f"- {name}: " + ", ".join(f"[{a}]({rel}/{p.relative_to(r.run_dir)})" for p, a in figs))
+        m.append(f"- {name}: " + ", ".join(
+            f"[{a}]({p.name})" if p.parent == out else f"[{a}]({rel}/{p.relative_to(r.run_dir)})" for p, a in figs))
     return "\n".join(h), "\n".join(m)
 
 
@@ -223,13 +296,14 @@ def write_report(inputs: list[str | Path], *, out: str | Path) -> dict[str, Path
     roots = [Path(p) for p in inputs if Path(p).is_dir()]
     tabular = [(e, root / e["run_dir"]) for e in col.index if e.get("kind") == "confounders"
                and e.get("status") == "done" for root in roots if (root / e["run_dir"] / "confounders.md").is_file()]
-    families = sorted({r.family for r in runs} | {e.get("family", "B") for e, _ in tabular})
+    families = sorted({r.family for r in runs} | {e.get("family", "B") for e, _ in tabular}
+                      | ({"A"} if col.external else set()))
     tables = experiment_tables(tidy) if not tidy.empty else {}
-    H = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>readingrace report</title>"
-         f"<style>{CSS}</style></head><body>", "<h1>readingrace report</h1>",
-         f"<p>{len(runs)} finished run(s); every AUC is given with its 95% confidence interval and links to the "
+    H = [(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>readingrace report</title>"
+         f"<style>{CSS}</style></head><body>"), "<h1>readingrace report</h1>",
+         (f"<p>{len(runs)} finished run(s); every AUC is given with its 95% confidence interval and links to the "
          "run folder that produced it. Image galleries show pixels: burned-in annotations in the source images "
-         "would show too.</p>"]
+         "would show too.</p>")]
     M = ["# readingrace report", "", f"{len(runs)} finished run(s); every AUC with its 95% CI.", ""]
     H.append("<section id='cohort'><h2>Cohort</h2>")
     M += ["## Cohort", ""]
@@ -241,8 +315,8 @@ def write_report(inputs: list[str | Path], *, out: str | Path) -> dict[str, Path
         title, paper = FAMILIES.get(fam, (fam, ""))
         fam_runs = [r for r in runs if r.family == fam]
         H.append(f"<section id='family-{html.escape(fam)}'><h2>{html.escape(title)}</h2>"
-                 f"<p class='note'>Laid out like the paper's {html.escape(paper)}.</p>")
-        M += [f"## {title}", "", f"Laid out like the paper's {paper}.", ""]
+                 + (f"<p class='note'>Laid out like the paper's {html.escape(paper)}.</p>" if paper else ""))
+        M += [f"## {title}", ""] + ([f"Laid out like the paper's {paper}.", ""] if paper else [])
         for id_ in sorted({r.id for r in fam_runs}):
             r0 = next(r for r in fam_runs if r.id == id_)
             for key in (id_, f"{id_} (test-time)"):
@@ -254,15 +328,33 @@ def write_report(inputs: list[str | Path], *, out: str | Path) -> dict[str, Path
                 H += [f"<h3 id='exp-{html.escape(key.replace(' ', '-'))}'>{html.escape(head)}</h3>",
                       _html_table(t, links)]
                 M += [f"### {head}", "", md_table(t), ""]
+            for r in (r for r in fam_runs if r.id == id_):
+                png = _slice_figure(r, out)
+                if png:
+                    what = f"{r.id} ({r.dataset}): AUC by slice position"
+                    note = ("Slice-wise results: the model's AUC within each tenth of the CT series "
+                            "(0 = most inferior), per class and macro, with 95% CIs.")
+                    H += [f"<h4>{html.escape(what)}</h4>", f"<p class='note'>{note}</p>", _img_tag(png, what)]
+                    M += [f"#### {what}", "", note, "", f"![{what}]({png.name})", ""]
+                h_a3, m_a3 = _a3_blocks(r, out)
+                H.append(h_a3)
+                M += [m_a3, ""]
         for e, run_dir in tabular:
             if e.get("family") != fam:
                 continue
             text = (run_dir / "confounders.md").read_text()
             rel = os.path.relpath(run_dir, out)
             H += [f"<h3>{html.escape(e['id'])}: {html.escape(e.get('title', ''))} ({html.escape(e['dataset'])})</h3>",
-                  f"<p class='note'>Tabular analyses, no images; <a href=\"{html.escape(rel)}/confounders.md\">"
-                  "run folder</a>.</p>", f"<pre>{html.escape(text)}</pre>"]
-            M += [f"### {e['id']}: {e.get('title', '')} ({e['dataset']})", "", f"[run folder]({rel})", "", text, ""]
+                  (f"<p class='note'>Tabular analyses, no images; <a href=\"{html.escape(rel)}\">run folder</a> "
+                   f"(<a href=\"{html.escape(rel)}/confounders.md\">confounders.md</a>, "
+                   f"<a href=\"{html.escape(rel)}/confounders.json\">confounders.json</a>).</p>"),
+                  markdown_blocks_html(text)]
+            M += [f"### {e['id']}: {e.get('title', '')} ({e['dataset']})", "", f"[run folder]({rel})", "",
+                  _demote_markdown(text, 3), ""]
+        if fam == "A" and col.external:  # A1-ext: trained-on x tested-on matrices (paper Table 4)
+            eh, em = _external_section(col, out)
+            H.append(eh)
+            M += [em, ""]
         for fig in FAMILY_FIGURES.get(fam, []):
             p = col.files.get(fig)
             if p and p.is_file():
@@ -287,3 +379,56 @@ def write_report(inputs: list[str | Path], *, out: str | Path) -> dict[str, Path
     write_atomic(out / "report.html", "\n".join(H))
     write_atomic(out / "report.md", "\n".join(M))
     return {"html": out / "report.html", "markdown": out / "report.md"}
+
+
+def _external_section(col: Collected, out: Path) -> tuple[str, str]:
+    """A1-ext: each external-validation matrix (rows trained on, columns tested on, macro AUC [CI]),
+    every cell linked to its folder, its notes, and the heatmap."""
+    from readingrace.experiments.external import matrix_table
+
+    what = "External validation: trained on one dataset, tested on another"
+    note = ("Macro AUC [95% CI]; rows: trained on, columns: tested on; the diagonal (internal) is each run's "
+            "own test split. Each cell links to its folder.")
+    h = [f"<section id='external-validation'><h3>{html.escape(what)}</h3>", f"<p class='note'>{note}</p>"]
+    m = [f"### {what}", "", note, ""]
+    for title, cells in col.external.items():
+        table = matrix_table(cells).reset_index()
+        rows = list(table[table.columns[0]])
+        links: dict[tuple[int, str], str] = {}
+        md = table.copy()
+        for c in cells:
+            if not c.get("cell_dir") or not Path(c["cell_dir"]).exists():
+                continue
+            i, rel = rows.index(c["trained_on"]), os.path.relpath(c["cell_dir"], out)
+            links[(i, c["tested_on"])] = rel
+            md.loc[i, c["tested_on"]] = f"[{md.loc[i, c['tested_on']]}]({rel})"
+        h += [f"<h4>{html.escape(title)}</h4>", _html_table(table, links)]
+        m += [f"#### {title}", "", md_table(md), ""]
+        notes = [f"{c['trained_on']} -> {c['tested_on']}: " + "; ".join(c.get("notes") or [c.get("reason", "")])
+                 for c in cells if not c.get("internal") and (c.get("notes") or c.get("reason"))]
+        if notes:
+            h.append("<ul class='note'>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+            m += [f"- {n}" for n in notes] + [""]
+        png = col.files.get(f"external {title} figure")
+        if png and png.is_file():
+            h.append(_img_tag(png, f"external validation matrix {title}"))
+            m += [f"![external validation matrix {title}](tables/{png.name})", ""]
+    h.append("</section>")
+    return "\n".join(h), "\n".join(m)
+
+
+def _a3_blocks(run: RunRecord, out: Path) -> tuple[str, str]:
+    """A3 runs: the probe-versus-direct table and the pathology model's subgroup performance."""
+    parts = [(run.run_dir / "a3.md", "Frozen-feature probes beside the model trained directly"),
+             (run.run_dir / "pathology" / "subgroups.md", "The pathology model's performance by group")]
+    hs, ms = [], []
+    for path, what in parts:
+        if not path.is_file():
+            continue
+        rel = os.path.relpath(path.parent, out)
+        head = f"{run.id} ({run.dataset}): {what}"
+        text = path.read_text()
+        hs += [f"<h4>{html.escape(head)}</h4>",
+               f"<p class='note'><a href=\"{html.escape(rel)}\">run folder</a></p>", markdown_blocks_html(text, heading="h5")]
+        ms += [f"#### {head}", "", f"[run folder]({rel})", "", _demote_markdown(text, 4), ""]
+    return "\n".join(hs), "\n".join(ms)

@@ -65,8 +65,16 @@ def demographics_table(cohort: pd.DataFrame, target: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def metrics_table(metrics: dict[str, Any], reference: dict[str, Any] | None = None) -> pd.DataFrame:
+REFERENCE_AUC = "reference AUC [95% CI]"
+REFERENCE_DIFF = "CNN - reference [95% CI]"
+
+
+def metrics_table(metrics: dict[str, Any], reference: dict[str, Any] | None = None,
+                  comparison: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Per class (and macro): AUC, sensitivity, specificity; with ``reference`` (the thumbnail model's
+    metrics) its AUC beside the CNN's, with ``comparison`` (``cnn_vs_reference``) the paired difference."""
     rows = []
+    diffs = (comparison or {}).get("per_class") or {}
     for cls, m in metrics["per_class"].items():
         row = {"class": cls, "n pos / neg": f"{m['n_positive']} / {m['n_negative']}",
                "AUC [95% CI]": fmt_ci(m["auc"], m.get("auc_ci")),
@@ -74,13 +82,39 @@ def metrics_table(metrics: dict[str, Any], reference: dict[str, Any] | None = No
                "specificity": fmt_ci(m["specificity"], m.get("specificity_ci"))}
         if reference:
             r = reference["per_class"][cls]
-            row["reference AUC"] = fmt_ci(r["auc"], r.get("auc_ci"))
+            row[REFERENCE_AUC] = fmt_ci(r["auc"], r.get("auc_ci"))
+        if comparison:
+            d = diffs.get(cls) or {}
+            row[REFERENCE_DIFF] = fmt_ci(d.get("difference"), d.get("difference_ci"))
         rows.append(row)
     macro = {"class": "**macro**", "n pos / neg": "", "AUC [95% CI]": fmt_ci(metrics["macro_auc"], metrics.get("macro_auc_ci")),
              "sensitivity": "", "specificity": ""}
     if reference:
-        macro["reference AUC"] = fmt_ci(reference["macro_auc"], reference.get("macro_auc_ci"))
+        macro[REFERENCE_AUC] = fmt_ci(reference["macro_auc"], reference.get("macro_auc_ci"))
+    if comparison:
+        macro[REFERENCE_DIFF] = fmt_ci(comparison.get("macro_difference"), comparison.get("macro_difference_ci"))
     rows.append(macro)
+    return pd.DataFrame(rows)
+
+
+def test_time_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """Macro AUC [CI] of the run's first model on each changed version of the test images."""
+    loc = metrics.get("localisation") or {}
+    items = [(label, tp) for label, tp in (metrics.get("test_perturbations") or {}).items()]
+    if loc.get("occlusion"):
+        items.append((f"hot-box occlusion (heat >= {loc['occlusion'].get('threshold')})", loc["occlusion"]))
+    lungs = loc.get("lungs") or {}
+    for key, label in (("original", "images with a usable lung mask"), ("lung_only", "lung-only"),
+                       ("non_lung", "non-lung")):
+        if lungs.get(key):
+            items.append((label, lungs[key]))
+    rows = []
+    for label, tp in items:
+        m, c = tp.get("metrics") or {}, tp.get("comparison") or {}
+        rows.append({"test images": label, "n": m.get("n_images"),
+                     "macro AUC [95% CI]": fmt_ci(m.get("macro_auc"), m.get("macro_auc_ci")),
+                     "minus unchanged [95% CI]": fmt_ci(c.get("macro_difference"), c.get("macro_difference_ci"))
+                     if c else ""})
     return pd.DataFrame(rows)
 
 
@@ -166,10 +200,10 @@ def write_run_report(run_dir: Path, *, cfg: ExperimentConfig, cohort: pd.DataFra
         "",
         cfg.description or "",
         "",
-        f"Model **{cfg.model.name}** at {cfg.image.size} px ({'pretrained: ' + Path(cfg.model.weights).name if cfg.model.weights else 'random initialisation'}), "
+        (f"Model **{cfg.model.name}** at {cfg.image.size} px ({'pretrained: ' + Path(cfg.model.weights).name if cfg.model.weights else 'random initialisation'}), "
         f"source `{cfg.cohort.source}`, patient split {cfg.split.ratios} (seed {cfg.split.seed}), "
         f"training seed(s) {cfg.train.seeds}. Test-set results; 95% CIs by "
-        f"{ci.get('method', 'patient-clustered bootstrap')} ({ci.get('n_bootstrap', '?')} replicates).",
+        f"{ci.get('method', 'patient-clustered bootstrap')} ({ci.get('n_bootstrap', '?')} replicates)."),
         "",
         "## Cohort",
         "",
@@ -188,30 +222,51 @@ def write_run_report(run_dir: Path, *, cfg: ExperimentConfig, cohort: pd.DataFra
     if skips:
         lines += ["Skipped files by reason: " + "; ".join(f"{k}: {v}" for k, v in skips.items()), ""]
     lines += ["## Results on the test split", "",
-              md_table(metrics_table(metrics, metrics.get("reference"))), ""]
+              md_table(metrics_table(metrics, metrics.get("reference"), metrics.get("cnn_vs_reference"))), ""]
     if metrics.get("reference"):
         r = metrics["reference"]
-        lines += [f"Reference: {r.get('name')} (C = {r.get('C'):g}, chosen on validation). A CNN that does no better "
-                  "than the reference has found nothing beyond coarse intensity and shape.", ""]
+        lines += [(f"Reference: {r.get('name')} (C = {r.get('C'):g}, chosen on validation). A CNN that does no better "
+                  "than the reference has found nothing beyond coarse intensity and shape."), ""]
         cmp_ = metrics.get("cnn_vs_reference")
         if cmp_:
-            lines += [f"CNN minus reference, macro AUC (paired, same test images): "
-                      f"{fmt_ci(cmp_.get('macro_difference'), cmp_.get('macro_difference_ci'))}.", ""]
+            lines += [(f"CNN minus reference, macro AUC (paired, same test images): "
+                      f"{fmt_ci(cmp_.get('macro_difference'), cmp_.get('macro_difference_ci'))}."), ""]
     seeds = metrics.get("seeds") or {}
     if len(seeds) > 1:
         s = metrics["seed_summary"]
-        lines += [f"Over {s['n']} training seeds: macro AUC mean {fmt(s['macro_auc_mean'])} "
+        lines += [(f"Over {s['n']} training seeds: macro AUC mean {fmt(s['macro_auc_mean'])} "
                   f"(range {fmt(s['macro_auc_min'])}-{fmt(s['macro_auc_max'])}); the table above is seed "
-                  f"{s['reported_seed']}.", "",
+                  f"{s['reported_seed']}."), "",
                   md_table(pd.DataFrame([{"seed": k, "macro AUC [95% CI]": fmt_ci(v["macro_auc"], v["macro_auc_ci"]),
                                           "epochs": v["training"]["epochs"]} for k, v in seeds.items()])), ""]
+    tt = test_time_table(metrics)
+    if not tt.empty:
+        lines += ["## The same model on changed test images", "",
+                  ("Test-time perturbations (C2 noise and blur), the hot-box occlusion and the lung-only / non-lung "
+                   "images (C3), each with the paired difference from the unchanged test images:"), "",
+                  md_table(tt), ""]
+        lungs = (metrics.get("localisation") or {}).get("lungs") or {}
+        if lungs.get("non_lung_vs_lung_only"):
+            c = lungs["non_lung_vs_lung_only"]
+            lines += [(f"Non-lung minus lung-only, macro AUC (paired): "
+                       f"{fmt_ci(c.get('macro_difference'), c.get('macro_difference_ci'))}. Lung masks: "
+                       f"{lungs.get('mask_source', '?')}"
+                       + (f" (U-Net held-out Dice {fmt(lungs['unet'].get('heldout_dice_mean'))})"
+                          if (lungs.get("unet") or {}).get("heldout_dice_mean") is not None else "")
+                       + f"; {lungs.get('n_excluded', 0)} of {lungs.get('n_test_images', '?')} test images excluded "
+                       f"by the quality rule {lungs.get('excluded') or ''}."), ""]
     st = strata_table(metrics)
     if not st.empty:
-        lines += ["## Within strata", "", "The same model evaluated within each stratum of the test split "
-                  "(a stratum with one class has no AUC):", "", md_table(st), ""]
+        lines += ["## Within strata", "", ("The same model evaluated within each stratum of the test split "
+                  "(a stratum with one class has no AUC):"), "", md_table(st), ""]
     lines += ["## Figures", "", "![ROC curves](roc.png)", ""]
     if has_curves:
         lines += ["![training curves](curves.png)", ""]
+    from readingrace.report.figures import plot_slice_position
+
+    if plot_slice_position(metrics, run_dir / "slice_position.png", title=f"{target}: AUC by slice position"):
+        lines += [("AUC by slice position (CT; decile 0 = most inferior tenth of each series; the paper's "
+                   "slice-wise results):"), "", "![AUC by slice position](slice_position.png)", ""]
     warnings_ = list(manifest.warnings) + list(metrics.get("warnings") or [])
     if warnings_:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings_] + [""]
