@@ -77,6 +77,18 @@ def test_unknown_architecture():
         build_model("resnet-35", 2)
 
 
+def test_random_init_notice_once_per_architecture(caplog, monkeypatch):
+    from readingrace import models
+
+    monkeypatch.setattr(models, "_RANDOM_INIT_NOTICED", set())
+    with caplog.at_level("WARNING", logger=models.log.name):
+        build_model("resnet-tiny", 2)
+        build_model("resnet-tiny", 3)       # a checkpoint load rebuilds the network: no second notice
+        build_model("resnet18", 2)
+    notices = [r.getMessage() for r in caplog.records if "no pretrained weights" in r.getMessage()]
+    assert len(notices) == 2 and "resnet-tiny" in notices[0] and "resnet18" in notices[1]
+
+
 def test_local_weights_three_to_one_channel_and_head_skipped(tmp_path):
     src = build_model("resnet-tiny", 5)
     state = src.state_dict()

@@ -158,7 +158,9 @@ def collect(suites: Annotated[list[Path], typer.Argument(help="suite output fold
     from readingrace.report.collect import collect as collect_suites
 
     result = collect_suites(suites, out=out or suites[0] / "collected")
-    typer.echo(f"{len(result.runs)} run(s) collected -> {result.out}")
+    cells = sum(len(c) for c in result.external.values())
+    extra = f" and {cells} external-validation cell(s) in {len(result.external)} matrix(es)" if cells else ""
+    typer.echo(f"{len(result.runs)} run(s){extra} collected -> {result.out}")
 
 
 @app.command()

@@ -74,9 +74,13 @@ def build_model(name: str, n_classes: int, *, weights: str | Path | None = None)
     model = ARCHITECTURES[name](n_classes)
     if weights:
         load_weights(model, weights)
-    else:
+    elif name not in _RANDOM_INIT_NOTICED:  # once per architecture and process, not on every checkpoint load
+        _RANDOM_INIT_NOTICED.add(name)
         log.warning("model %s: no pretrained weights given (model.weights): random initialisation", name)
     return model
+
+
+_RANDOM_INIT_NOTICED: set[str] = set()
 
 
 def load_weights(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
