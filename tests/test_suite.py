@@ -150,6 +150,15 @@ def _fourier(kind, d):
     return {"perturb": {"train": [{"name": "fourier", "kind": kind, "radius": d}]}}
 
 
+def test_a_stratum_too_small_to_split_is_skipped_not_failed(tmp_path):
+    within = lambda v: {"cohort": {"where": {"sex": v}}}
+    folder = _control_suite(tmp_path, "none", [within("F")], n_patients=12)
+    index = run_suite(folder, data={"synthetic": str(tmp_path / "synthetic")}, out=tmp_path / "out", say=lambda m: None)
+    (entry,) = index["entries"]
+    assert index["counts"] == {"skipped": 1}
+    assert entry["reason"].startswith("stratum sex=F: split.ratios") and "'val' split would get 1 of" in entry["reason"]
+
+
 @pytest.mark.slow
 def test_control_texture_high_frequency(tmp_path):
     folder = _control_suite(tmp_path, "texture", [_fourier("lowpass", 5), _fourier("highpass", 5)])

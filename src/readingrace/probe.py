@@ -21,12 +21,11 @@ comparison with a model trained directly for the target when its predictions are
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,11 +38,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 from torch import nn
 
 from readingrace.errors import CohortError, ConfigError, SplitError
 from readingrace.split import check_no_leakage, split_patients
+from readingrace.threads import threads_for
 
 PROBES: tuple[str, ...] = ("softmax", "logistic")
 PROBE_TEXT = {
@@ -60,29 +59,9 @@ REID_VARIANTS = {
 }
 
 
-#: Below this many feature values (rows x features) a probe runs on one thread: on small problems
-#: thread start-up and contention cost far more than they save (measured 0.4 s vs 24 s on 2 busy cores).
-SINGLE_THREAD_BELOW = 5_000_000
-
-
 # --------------------------------------------------------------------------------------------
 # the two probes
 # --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _threads_for(n_values: int) -> Iterator[None]:
-    """One torch and one BLAS thread for small problems; the caller's settings otherwise (restored)."""
-    if n_values >= SINGLE_THREAD_BELOW:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1):
-            yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _check_features(features: np.ndarray) -> np.ndarray:
     x = np.asarray(features, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] == 0:
@@ -121,7 +100,7 @@ def linear_probe(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         layer = nn.Linear(x.shape[1], k)
-    with _threads_for(x.shape[0] * x.shape[1]):
+    with threads_for(x.shape[0] * x.shape[1]):
         probs, best_epoch, epoch, best_loss = _fit_softmax(layer, xt, ytr, yva, epochs=epochs, lr=lr,
                                                            weight_decay=weight_decay, patience=patience)
     return probs, {"probe": "softmax", "description": PROBE_TEXT["softmax"], "epochs_run": epoch,
@@ -184,7 +163,7 @@ def logistic_probe(
     pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
     search = GridSearchCV(pipe, {"logisticregression__C": [float(c) for c in Cs]}, scoring=scoring, cv=cv,
                           refit=True, error_score="raise")
-    with warnings.catch_warnings(record=True) as caught, _threads_for(len(tr) * x.shape[1]):
+    with warnings.catch_warnings(record=True) as caught, threads_for(len(tr) * x.shape[1]):
         warnings.simplefilter("always", ConvergenceWarning)
         search.fit(x[tr], y[tr], groups=g[tr])
     n_conv = sum(issubclass(w.category, ConvergenceWarning) for w in caught)

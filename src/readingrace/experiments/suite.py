@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from readingrace.config import ExperimentConfig, config_from_dict, deep_merge, read_yaml
-from readingrace.errors import ConfigError, ReadingRaceError
+from readingrace.errors import ConfigError, LeakageError, ReadingRaceError, SplitError
 
 KINDS = ("train", "confounders", "external", "probe", "explain")
 PAPER_ARCHITECTURES = ("resnet34", "densenet121", "efficientnet-b0")
@@ -537,6 +537,15 @@ def run_suite(folder: str | Path, *, data: dict[str, str], out: str | Path, budg
             entry.update(status="interrupted", reason="interrupted; rerun the same command to resume")
             write_json(path, _finish(index, t_suite))
             raise
+        except SplitError as exc:
+            where = (r.config.get("cohort") or {}).get("where")
+            if where and not isinstance(exc, LeakageError):
+                # a stratum (B1/B5 within-group runs) too small for the split is data, not a fault
+                entry.update(status="skipped", reason=f"stratum {_where_text(where)}: {exc}")
+                say(f"  skipped: {entry['reason']}")
+            else:
+                entry.update(status="failed", reason=str(exc))
+                say(f"  failed: {exc}")
         except ReadingRaceError as exc:
             entry.update(status="failed", reason=str(exc))
             say(f"  failed: {exc}")
@@ -551,6 +560,10 @@ def run_suite(folder: str | Path, *, data: dict[str, str], out: str | Path, budg
     write_json(path, _finish(index, t_suite))
     say(f"wrote {path}")
     return index
+
+
+def _where_text(where: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in where.items())
 
 
 def _finish(index: dict[str, Any], t0: float) -> dict[str, Any]:
