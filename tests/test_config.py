@@ -67,3 +67,14 @@ def test_fingerprint_ignores_options_left_at_their_default():
     explicit = config_from_dict({"train": {"max_epochs": 3, "lr": 1e-3}, "evaluate": {"occlusion": False}})
     changed = config_from_dict({"train": {"max_epochs": 3, "lr": 1e-4}})
     assert base.fingerprint() == explicit.fingerprint() != changed.fingerprint()
+
+
+def test_a_run_folders_config_yaml_loads_again(tmp_path):
+    """The config.yaml a run writes (with its fingerprint and version) is itself a valid config."""
+    import yaml
+
+    cfg = config_from_dict({"cohort": {"source": "nih", "target": "sex"}, "train": {"max_epochs": 3}})
+    written = tmp_path / "config.yaml"
+    written.write_text(yaml.safe_dump({"fingerprint": cfg.fingerprint(), "readingrace": "0.1.0", **cfg.to_dict()}))
+    again = load_config(written)
+    assert again.fingerprint() == cfg.fingerprint() and again.train.max_epochs == 3

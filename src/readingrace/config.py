@@ -407,9 +407,20 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return data
 
 
+#: Keys a run adds to the ``config.yaml`` it writes (see :func:`load_config`).
+RUN_RECORD_KEYS = ("fingerprint", "readingrace", "kind")
+
+
 def load_config(path: str | Path | None = None, *, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read, merge and validate an experiment config."""
+    """Read, merge and validate an experiment config.
+
+    A run folder's ``config.yaml`` is accepted as it is: its ``fingerprint``, ``readingrace`` (version) and
+    ``kind`` (``disease``) keys describe the run that wrote it and are dropped (the fingerprint is
+    recomputed from the rest).
+    """
     data = read_yaml(path) if path else {}
+    for key in RUN_RECORD_KEYS:
+        data.pop(key, None)
     if overrides:
         data = deep_merge(data, overrides)
     try:
