@@ -75,3 +75,18 @@ def test_named_callable_that_does_not_exist(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"cannot import 'no_such_pkg_xyz'"):
         load_user_model("no_such_pkg_xyz:model", app_dir=tmp_path)
+
+
+def test_results_are_written_with_the_users_umask(tmp_path):
+    """Atomic writes must not leave results 0600 (mkstemp's mode): reports are meant to be shared."""
+    import os
+
+    from readingrace.experiments.rundir import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "metrics.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left

@@ -16,8 +16,8 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -538,7 +538,8 @@ def cached_lung_unet(
     images, masks = load_data()
     say(f"lung U-Net: training on {len(images)} image/mask pairs ({size} px, {epochs} epochs)")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{key}-"))
+    tmp = final.parent / f".tmp-{key}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # honours the umask (mkdtemp would make it 0700): the cache may be shared
     try:
         model, report = train_lung_unet(None, data=(images, masks), size=size, epochs=epochs, seed=seed,
                                         batch_size=batch_size, channels=channels, strides=strides,
