@@ -328,3 +328,16 @@ def test_report_with_external_cells_has_the_matrix_section(suite_dir, tmp_path):
         verdict, _ = browser_check(paths["html"], tmp_path)
         assert verdict["broken"] == 0 and verdict["errors"] == [], verdict
         assert {"family-A", "external-validation"} <= set(verdict["ids"].split(",")), verdict
+
+
+def test_markdown_links_render_and_point_into_the_run_folder():
+    from readingrace.report.html import markdown_blocks_html, rebase_links
+
+    text = "- pathology model: 0.781 ([per finding](pathology/report.md)); see [the paper](https://doi.org/x) or [top](#cohort)"
+    rebased = rebase_links(text, "../suite/A3/nih/abc")
+    assert "(../suite/A3/nih/abc/pathology/report.md)" in rebased
+    assert "(https://doi.org/x)" in rebased and "(#cohort)" in rebased
+    page = markdown_blocks_html(rebased)
+    assert '<a href="../suite/A3/nih/abc/pathology/report.md">per finding</a>' in page
+    assert '<a href="https://doi.org/x">the paper</a>' in page and "](" not in page
+    assert "<code>x</code>" in markdown_blocks_html("a `x` [y](z)") and '<a href="z">y</a>' in markdown_blocks_html("[y](z)")

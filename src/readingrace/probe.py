@@ -405,8 +405,9 @@ def probe_markdown(result: ProbeResult, *, feature_model: str, direct: Mapping[s
                              f"[{lo:+.3f}, {hi:+.3f}] (paired bootstrap, {c['n_shared']} shared test images)")
             else:
                 lines.append(f"- {name} vs {direct_name}: {c.get('note')}")
-    lines.append(f"- split: {result.info.get('split_policy')}; {result.info.get('split_source')}; "
-                 f"counts {json.dumps(result.info.get('split_counts'))}")
+    counts = ", ".join(f"{k} {v['images']} images ({v['patients']} patients)"
+                       for k, v in (result.info.get("split_counts") or {}).items())
+    lines.append(f"- split: {result.info.get('split_policy')}; {result.info.get('split_source')}; {counts}")
     for flag in result.info.get("flags", []):
         lines.append(f"- **flag**: {flag}")
     ci_meta = next(iter(result.metrics.values()))["ci"]

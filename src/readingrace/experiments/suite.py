@@ -322,8 +322,10 @@ def expand_suite(folder: str | Path, *, data: dict[str, str], budget: str = "ful
             continue
         matches = [n for n in data if datasets[n].get("kind") in spec.needs or n in spec.needs]
         if not matches:
-            skipped.append(Skipped(spec.id, None, f"needs a dataset of kind {spec.needs}; given: "
-                                                  f"{sorted(data) or 'none'}"))
+            kinds = {d.get("kind") for d in datasets.values()}
+            need = (f"a dataset of kind {spec.needs}" if all(n in kinds for n in spec.needs)
+                    else f"the dataset {spec.needs} (--data NAME=PATH)")
+            skipped.append(Skipped(spec.id, None, f"needs {need}; given: {sorted(data) or 'none'}"))
             continue
         if spec.kind in NOT_RUN_BY_SUITE:
             skipped += [Skipped(spec.id, n, NOT_RUN_BY_SUITE[spec.kind]) for n in matches]
@@ -362,12 +364,14 @@ def expand_suite(folder: str | Path, *, data: dict[str, str], budget: str = "ful
                     skipped.append(Skipped(spec.id, name, f"{label}: {empty}"))
                     continue
                 cfg_dict["name"] = f"{spec.id} {label}" if label != "baseline" else spec.id
+                if "description" in cfg_dict:
+                    cfg_dict["description"] = with_attribute(str(cfg_dict["description"]), target)
                 try:
                     cfg = config_from_dict(copy.deepcopy(cfg_dict))
                 except ConfigError as exc:
                     raise ConfigError(f"{folder / spec.path} ({name}, {label}): {exc}") from None
                 fp = cfg.fingerprint()
-                run = PlannedRun(id=spec.id, family=spec.family, title=spec.title, paper=spec.paper,
+                run = PlannedRun(id=spec.id, family=spec.family, title=with_attribute(spec.title, target), paper=spec.paper,
                                  kind="train" if spec.kind == "external" else spec.kind, dataset=name,
                                  attribute=target, label=label, point=point, fingerprint=fp,
                                  run_dir=f"{spec.id}/{name}/{fp}", config=cfg_dict, data_root=data_root)
@@ -429,7 +433,8 @@ def external_cells(spec: SuiteSpec, trained: list[PlannedRun], runs: list[Planne
                 continue
             key = {"trained": [x, tx.fingerprint], "tested": [y, ty.fingerprint], "split": "test"}
             fp = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-            new.append(PlannedRun(id=spec.id, family=spec.family, title=spec.title, paper=spec.paper, kind="external",
+            new.append(PlannedRun(id=spec.id, family=spec.family, title=with_attribute(spec.title, ty.attribute),
+                                  paper=spec.paper, kind="external",
                                   dataset=y, attribute=ty.attribute, label=f"{x} -> {y}",
                                   point={"trained_on": x, "tested_on": y}, fingerprint=fp,
                                   run_dir=f"{spec.id}/{x}__on__{y}/{fp}", config=ty.config, data_root=ty.data_root,
@@ -560,6 +565,11 @@ def run_suite(folder: str | Path, *, data: dict[str, str], out: str | Path, budg
     write_json(path, _finish(index, t_suite))
     say(f"wrote {path}")
     return index
+
+
+def with_attribute(text: str, attribute: str) -> str:
+    """A title or description with ``{attribute}`` filled: "the {attribute} model" -> "the sex model"."""
+    return text.replace("{attribute}", attribute)
 
 
 def _where_text(where: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ import base64
 import html
 import importlib.metadata
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -64,10 +65,25 @@ def _md_cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
+_MD_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+
+
 def _inline(text: str) -> str:
-    """Escape, then render the `code` spans of project-written Markdown."""
+    """Escape, then render the `code` spans and [text](href) links of project-written Markdown."""
     parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if k % 2 else p for k, p in enumerate(parts))
+    return "".join(f"<code>{p}</code>" if k % 2 else _MD_LINK.sub(r'<a href="\2">\1</a>', p)
+                   for k, p in enumerate(parts))
+
+
+def rebase_links(text: str, base: str) -> str:
+    """Markdown written inside a run folder, with its relative links made relative to the report (``base``
+    is the run folder as seen from the report); absolute links and anchors are kept."""
+    def fix(m: re.Match) -> str:
+        href = m.group(2)
+        keep = href.startswith(("#", "/")) or re.match(r"[a-z][a-z0-9+.-]*:", href)
+        return m.group(0) if keep else f"[{m.group(1)}]({base}/{href})"
+
+    return _MD_LINK.sub(fix, text)
 
 
 def markdown_blocks_html(text: str, *, heading: str = "h4") -> str:
@@ -342,8 +358,8 @@ def write_report(inputs: list[str | Path], *, out: str | Path) -> dict[str, Path
         for e, run_dir in tabular:
             if e.get("family") != fam:
                 continue
-            text = (run_dir / "confounders.md").read_text()
             rel = os.path.relpath(run_dir, out)
+            text = rebase_links((run_dir / "confounders.md").read_text(), rel)
             H += [f"<h3>{html.escape(e['id'])}: {html.escape(e.get('title', ''))} ({html.escape(e['dataset'])})</h3>",
                   (f"<p class='note'>Tabular analyses, no images; <a href=\"{html.escape(rel)}\">run folder</a> "
                    f"(<a href=\"{html.escape(rel)}/confounders.md\">confounders.md</a>, "
@@ -427,7 +443,7 @@ def _a3_blocks(run: RunRecord, out: Path) -> tuple[str, str]:
             continue
         rel = os.path.relpath(path.parent, out)
         head = f"{run.id} ({run.dataset}): {what}"
-        text = path.read_text()
+        text = rebase_links(path.read_text(), rel)
         hs += [f"<h4>{html.escape(head)}</h4>",
                f"<p class='note'><a href=\"{html.escape(rel)}\">run folder</a></p>", markdown_blocks_html(text, heading="h5")]
         ms += [f"#### {head}", "", f"[run folder]({rel})", "", _demote_markdown(text, 4), ""]
