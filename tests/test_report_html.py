@@ -341,3 +341,25 @@ def test_markdown_links_render_and_point_into_the_run_folder():
     assert '<a href="../suite/A3/nih/abc/pathology/report.md">per finding</a>' in page
     assert '<a href="https://doi.org/x">the paper</a>' in page and "](" not in page
     assert "<code>x</code>" in markdown_blocks_html("a `x` [y](z)") and '<a href="z">y</a>' in markdown_blocks_html("[y](z)")
+
+
+def test_test_time_table_shows_the_paired_difference_from_untouched_images(tmp_path):
+    root = tmp_path / "suite"
+    rel = "C2-noise-blur/nih/00000000000000aa"
+    _run(root, rel, 0.8)
+    path = root / rel / "metrics.json"
+    m = json.loads(path.read_text())
+    m["test_perturbations"] = {"Gaussian noise per image": {
+        "metrics": _metrics(0.6),
+        "comparison": {"macro_difference": -0.2, "macro_difference_ci": [-0.28, -0.12]}}}
+    path.write_text(json.dumps(m))
+    (root / "suite.json").write_text(json.dumps({"entries": [{
+        "id": "C2-noise-blur", "family": "C2", "title": "noise", "paper": "", "kind": "train", "dataset": "nih",
+        "attribute": "sex", "label": "baseline", "point": {}, "fingerprint": "00000000000000aa", "run_dir": rel,
+        "status": "done", "reason": "", "seconds": 1.0}], "skipped": []}))
+    res = collect([root], out=tmp_path / "tables")
+    table = pd.read_csv(tmp_path / "tables" / "C2-noise-blur_test-time.csv")
+    row = table[table["test_perturbation"] == "Gaussian noise per image"].iloc[0]
+    assert row["AUC (Female vs Male)"] == "0.600 [0.550, 0.650]"
+    assert row["minus untouched test images, macro [95% CI]"] == "-0.200 [-0.280, -0.120]"
+    assert len(res.runs) == 1

@@ -224,12 +224,19 @@ def tidy_table(runs: list[RunRecord]) -> pd.DataFrame:
                 rows.append({**base, "test_perturbation": label, "class": cls, "auc": pc.get("auc"),
                              "ci_lo": ci[0], "ci_hi": ci[1], "n_test_images": n_test})
             ci = tm.get("macro_auc_ci") or [None, None]
+            cmp = tp.get("comparison") or {}  # paired: perturbed minus untouched test images, same model
+            dci = cmp.get("macro_difference_ci") or [None, None]
             rows.append({**base, "test_perturbation": label, "class": "macro", "auc": tm.get("macro_auc"),
-                         "ci_lo": ci[0], "ci_hi": ci[1], "n_test_images": n_test})
+                         "ci_lo": ci[0], "ci_hi": ci[1], "n_test_images": n_test,
+                         "test_diff": cmp.get("macro_difference"), "test_diff_lo": dci[0], "test_diff_hi": dci[1]})
     cols = ["id", "family", "dataset", "attribute", "label", *POINT_COLS, "test_perturbation", "class", "auc",
-            "ci_lo", "ci_hi", "n_test_images", "run_dir", *REFERENCE_COLS]
+            "ci_lo", "ci_hi", "n_test_images", "run_dir", *REFERENCE_COLS, *TEST_DIFF_COLS]
     return pd.DataFrame(rows, columns=cols)
 
+
+#: A test-time evaluation minus the same model on the untouched test images (paired bootstrap), macro rows.
+TEST_DIFF_COLS = ("test_diff", "test_diff_lo", "test_diff_hi")
+TEST_DIFF_HEADER = "minus untouched test images, macro [95% CI]"
 
 #: The reference model (logistic regression on 32x32 thumbnails) and the paired CNN - reference difference.
 REFERENCE_COLS = ("ref_auc", "ref_ci_lo", "ref_ci_hi", "ref_diff", "ref_diff_lo", "ref_diff_hi")
@@ -306,6 +313,12 @@ def experiment_tables(tidy: pd.DataFrame) -> dict[str, pd.DataFrame]:
             tp["AUC [95% CI]"] = tp.apply(auc_text, axis=1)
             w = _one_column_if_binary(tp.pivot_table(index=["dataset", "test_perturbation"], columns="class",
                                                      values="AUC [95% CI]", aggfunc="first")).reset_index()
+            macro = tp[(tp["class"] == "macro") & tp["test_diff"].notna()]
+            if not macro.empty:
+                diff = macro.assign(**{TEST_DIFF_HEADER: [fmt_ci(r.test_diff, [r.test_diff_lo, r.test_diff_hi])
+                                                          for r in macro.itertuples()]})
+                w = w.merge(diff[["dataset", "test_perturbation", TEST_DIFF_HEADER]],
+                            on=["dataset", "test_perturbation"], how="left").fillna({TEST_DIFF_HEADER: ""})
             out[f"{id_} (test-time)"] = w
     return out
 

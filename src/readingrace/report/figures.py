@@ -28,8 +28,11 @@ def _plt():
 
 def _line_panel(ax, part: pd.DataFrame, x: str, *, title: str, xlabel: str, log: bool) -> None:
     colours = _plt().rcParams["axes.prop_cycle"].by_key()["color"]
-    classes = sorted(c for c in part["class"].unique() if c != "macro") + ["macro"]
-    for k, cls in enumerate(classes):
+    classes = sorted(c for c in part["class"].unique() if c != "macro")
+    # two classes: both one-vs-rest AUCs equal the macro AUC (one line, as the tables show one column)
+    lines = [("macro", f"{classes[0]} vs {classes[1]}")] if len(classes) == 2 else \
+        [(c, c) for c in classes] + [("macro", "macro")]
+    for k, (cls, name) in enumerate(lines):
         d = part[part["class"] == cls].sort_values(x)
         if d.empty:
             continue
@@ -38,11 +41,19 @@ def _line_panel(ax, part: pd.DataFrame, x: str, *, title: str, xlabel: str, log:
         lo = d["ci_lo"].astype(float).to_numpy()
         hi = d["ci_hi"].astype(float).to_numpy()
         style = {"color": "black", "lw": 2} if cls == "macro" else {"color": colours[k % len(colours)]}
-        ax.plot(xs, y, marker="o", ms=3, label=cls, **style)
+        ax.plot(xs, y, marker="o", ms=3, label=name, **style)
         ax.fill_between(xs, lo, hi, alpha=0.15, color=style["color"])
+    ref = part[(part["class"] == "macro")].sort_values(x) if "ref_auc" in part else part.iloc[:0]
+    ref = ref[ref["ref_auc"].notna()] if len(ref) else ref
+    if len(ref):  # what coarse intensity and shape give on the same perturbed images
+        ax.plot(ref[x].astype(float), ref["ref_auc"].astype(float), color="grey", ls="--", marker="s", ms=2.5,
+                lw=1, label="reference (32x32 thumbnails), macro")
     ax.axhline(0.5, color="grey", ls=":", lw=0.8)
-    if log:
+    if log:  # ticks at the grid's own values, in plain numbers (not 3x10^1 minor labels that collide)
         ax.set_xscale("log")
+        ticks = sorted(part[x].astype(float).unique())
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7, rotation=45)
+        ax.minorticks_off()
     ax.set(title=title, xlabel=xlabel, ylabel="AUC (95% CI band)", ylim=(0.3, 1.02))
     ax.legend(fontsize=7, loc="lower right")
 

@@ -444,7 +444,10 @@ def _a3_blocks(run: RunRecord, out: Path) -> tuple[str, str]:
         rel = os.path.relpath(path.parent, out)
         head = f"{run.id} ({run.dataset}): {what}"
         text = rebase_links(path.read_text(), rel)
+        body = markdown_blocks_html(text, heading="h5")
+        if path.name == "subgroups.md":  # per finding x group: long; folded so the A tables stay in view
+            body = f"<details><summary>per finding and group (AUC, TPR, FPR, underdiagnosis)</summary>{body}</details>"
         hs += [f"<h4>{html.escape(head)}</h4>",
-               f"<p class='note'><a href=\"{html.escape(rel)}\">run folder</a></p>", markdown_blocks_html(text, heading="h5")]
+               f"<p class='note'><a href=\"{html.escape(rel)}\">run folder</a></p>", body]
         ms += [f"#### {head}", "", f"[run folder]({rel})", "", _demote_markdown(text, 4), ""]
     return "\n".join(hs), "\n".join(ms)
