@@ -110,6 +110,7 @@ def test_report_html_and_markdown(suite_dir, tmp_path):
     assert "<img" in text and 'src="img/' not in text  # all figures embedded
     assert "readingrace probe" in text  # skipped experiment and why
     assert "Table 1" in text
+    assert "augmentation: random horizontal flip, rotation ±15°, zoom ±10%" in text  # the paper's recipe, in words
 
 
 def _chromium() -> str | None:
@@ -363,3 +364,24 @@ def test_test_time_table_shows_the_paired_difference_from_untouched_images(tmp_p
     assert row["AUC (Female vs Male)"] == "0.600 [0.550, 0.650]"
     assert row["minus untouched test images, macro [95% CI]"] == "-0.200 [-0.280, -0.120]"
     assert len(res.runs) == 1
+
+
+def test_galleries_are_shown_in_their_family_section(tmp_path):
+    root = tmp_path / "suite"
+    rel = "C3/nih/00000000000000c3"
+    _run(root, rel, 0.8)
+    (root / rel / "gradcam").mkdir()
+    _png(root / rel / "gradcam" / "gradcam_Female_correct.png")
+    _png(root / rel / "gallery_lung_masks.png")
+    (root / "suite.json").write_text(json.dumps({"entries": [{
+        "id": "C3", "family": "C3", "title": "localisation", "paper": "", "kind": "train", "dataset": "nih",
+        "attribute": "sex", "label": "baseline", "point": {}, "fingerprint": "00000000000000c3", "run_dir": rel,
+        "status": "done", "reason": "", "seconds": 1.0}], "skipped": []}))
+    paths = write_report([root], out=tmp_path / "rep")
+    page = paths["html"].read_text()
+    c3 = page[page.index("<section id='family-C3'>"):]
+    c3 = c3[:c3.index("</section>")]
+    assert "Grad-CAM gallery: gradcam Female correct" in c3 and "lung masks on test images" in c3
+    assert c3.count("<img") == 2
+    md = paths["markdown"].read_text()
+    assert "(../suite/C3/nih/00000000000000c3/gradcam/gradcam_Female_correct.png)" in md

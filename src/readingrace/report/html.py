@@ -205,20 +205,31 @@ def methods_text(runs: list[RunRecord]) -> str:
     boot = pick(lambda c: c["evaluate"]["n_bootstrap"])
     weights = sorted({Path(c["model"]["weights"]).name if c["model"].get("weights") else "random initialisation"
                       for c in cfgs})
-    aug = pick(lambda c: "flip {flip}, rotation ±{rotate}°, zoom ±{zoom}".format(**c["train"]["augment"]))
+    aug = pick(lambda c: augmentation_text(c["train"]["augment"]))
     targets = sorted({r.attribute for r in runs})
     datasets = sorted({r.dataset for r in runs})
     v = _versions()
     return (f"We trained {len(runs)} model(s) to predict {', '.join(targets)} from images of {', '.join(datasets)}. "
             f"Architectures: {', '.join(models)} ({', '.join(weights)}), input {', '.join(sizes)} px, "
-            f"augmentation {'; '.join(aug)}. Patients were split (by patient, stratified by the target) with ratios "
+            f"augmentation: {'; '.join(aug)}. Patients were split (by patient, stratified by the target) with ratios "
             f"{', '.join(ratios)} and split seed {', '.join(pick(lambda c: c['split']['seed']))}; training seed(s) "
             f"{', '.join(seeds)}; Adam (lr {', '.join(pick(lambda c: c['train']['lr']))}), at most {', '.join(epochs)} "
             f"epochs with early stopping on validation loss (patience "
             f"{', '.join(pick(lambda c: c['train']['early_stopping_patience']))}), the best checkpoint tested. "
             f"One-vs-rest ROC-AUC per class on the held-out test split with 95% confidence intervals by "
             f"patient-clustered bootstrap ({', '.join(boot)} replicates). Software: readingrace {v['readingrace']}, "
-            f"torch {v['torch']}, MONAI {v['monai']}, Lightning {v['lightning']}, scikit-learn {v['scikit-learn']}.")
+            f"torch {v['torch']}, MONAI {v['monai']}, Lightning {v['lightning']}, scikit-learn {v['scikit-learn']}."
+            + (" Beside each CNN, a reference model (logistic regression on 32x32 thumbnails of the same, perturbed, "
+               "images, C chosen on the validation split) shows what coarse intensity and shape alone give."
+               if any(c.get("evaluate", {}).get("reference") for c in cfgs) else ""))
+
+
+def augmentation_text(aug: dict[str, Any]) -> str:
+    """``{flip: true, rotate: 15, zoom: 0.1}`` -> "random horizontal flip, rotation ±15°, zoom ±10%"."""
+    parts = (["random horizontal flip"] if aug.get("flip") else []) + \
+        ([f"rotation ±{float(aug['rotate']):g}°"] if aug.get("rotate") else []) + \
+        ([f"zoom ±{100 * float(aug['zoom']):g}%"] if aug.get("zoom") else [])
+    return ", ".join(parts) or "none"
 
 
 def _cohort_parts(runs: list[RunRecord], out: Path) -> list[tuple[str, str, str]]:
@@ -284,8 +295,6 @@ def _run_figures(runs: list[RunRecord], out: Path) -> tuple[str, str]:
     h, m = [], []
     for r in runs:
         figs = [(r.run_dir / "roc.png", "ROC curves per class"), (r.run_dir / "curves.png", "training curves")]
-        figs += [(p, "lung masks on test images" if "lung" in p.name else "Grad-CAM gallery")
-                 for g in GALLERY_GLOBS for p in sorted(r.run_dir.glob(g))]
         figs = [(p, a) for p, a in figs if p.is_file()]
         slice_png = _slice_figure(r, out)
         if slice_png:
@@ -355,6 +364,9 @@ def write_report(inputs: list[str | Path], *, out: str | Path) -> dict[str, Path
                 h_a3, m_a3 = _a3_blocks(r, out)
                 H.append(h_a3)
                 M += [m_a3, ""]
+                h_gal, m_gal = _galleries(r, out)
+                H.append(h_gal)
+                M += [m_gal, ""]
         for e, run_dir in tabular:
             if e.get("family") != fam:
                 continue
@@ -430,6 +442,30 @@ def _external_section(col: Collected, out: Path) -> tuple[str, str]:
             h.append(_img_tag(png, f"external validation matrix {title}"))
             m += [f"![external validation matrix {title}](tables/{png.name})", ""]
     h.append("</section>")
+    return "\n".join(h), "\n".join(m)
+
+
+def gallery_images(run: RunRecord) -> list[tuple[Path, str]]:
+    """A run's image galleries (C3: Grad-CAM, correct and wrong per class; lung masks) with captions."""
+    found = dict.fromkeys(p for g in GALLERY_GLOBS for p in sorted(run.run_dir.glob(g)) if p.is_file())
+    return [(p, "lung masks on test images" if "lung" in p.name else f"Grad-CAM gallery: {p.stem.replace('_', ' ')}")
+            for p in found]
+
+
+def _galleries(run: RunRecord, out: Path) -> tuple[str, str]:
+    """The run's galleries, shown in its family's section (the paper's Grad-CAM figures)."""
+    figs = gallery_images(run)
+    if not figs:
+        return "", ""
+    head = f"{run.id} ({run.dataset}): image galleries" if run.label == "baseline" else \
+        f"{run.id} {run.label} ({run.dataset}): image galleries"
+    note = ("Grad-CAM of the predicted class over test images, the most confident correct and wrong "
+            "predictions per true class; the white box is the region the occlusion test blanks. Galleries "
+            "show pixels: burned-in annotations in the source images would show too.")
+    rel = os.path.relpath(run.run_dir, out)
+    h = [f"<h4>{html.escape(head)}</h4>", f"<p class='note'>{html.escape(note)}</p>"]
+    h += [f"<figure>{_img_tag(p, a)}<figcaption class='note'>{html.escape(a)}</figcaption></figure>" for p, a in figs]
+    m = [f"#### {head}", "", note, ""] + [f"- [{a}]({rel}/{p.relative_to(run.run_dir)})" for p, a in figs]
     return "\n".join(h), "\n".join(m)
 
 
