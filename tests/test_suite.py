@@ -206,17 +206,34 @@ def test_suite_on_nih_plan_when_present():
     assert not [r for r in plan.runs if r.id == "B5-within-sex"]   # sex is the target: no within-sex runs
 
 
-def test_cli_suite_dry_run_writes_the_index(tmp_path, capsys):
+def test_cli_suite_dry_run_writes_the_plan(tmp_path, capsys):
     from readingrace.cli import main
 
     rc = main(["suite", str(PAPER), "--data", "nih=/data/nih", "--budget", "small", "--attribute", "sex",
                "--only", "C4", "--shard", "1/2", "--dry-run", "-o", str(tmp_path)])
     assert rc == 0
-    index = json.loads((tmp_path / "suite-1-of-2.json").read_text())
+    index = json.loads((tmp_path / "plan-1-of-2.json").read_text())
     assert index["counts"] == {"planned": 9} and index["shard"] == [1, 2]
+    assert not list(tmp_path.glob("suite*.json"))  # a dry run never writes (or replaces) the suite's index
     assert {e["id"] for e in index["entries"]} <= {"C4-drop", "C4-keep"}
     assert main(["suite", str(PAPER), "--data", "nih", "--dry-run", "-o", str(tmp_path)]) == 2
     assert "NAME=PATH" in capsys.readouterr().err
+
+
+def test_dry_run_keeps_the_suite_index_and_marks_finished_runs(tmp_path):
+    index = tmp_path / "suite.json"
+    index.write_text('{"entries": [{"id": "C4-drop", "status": "done"}]}')
+    kw = dict(data={"nih": "/data/nih"}, out=tmp_path, budget="small", attribute="sex", only=("C4-drop",),
+              say=lambda m: None)
+    first = run_suite(PAPER, dry_run=True, **kw)
+    done_dir = tmp_path / first["entries"][0]["run_dir"]
+    done_dir.mkdir(parents=True)
+    (done_dir / "metrics.json").write_text("{}")
+    again = run_suite(PAPER, dry_run=True, **kw)
+    assert again["counts"] == {"done": 1, "planned": 8}
+    assert index.read_text() == '{"entries": [{"id": "C4-drop", "status": "done"}]}'  # untouched
+    full = run_suite(PAPER, dry_run=True, **{**kw, "budget": "full"})  # another plan: nothing is done yet
+    assert full["counts"] == {"planned": 9} and json.loads((tmp_path / "plan.json").read_text())["budget"] == "full"
 
 
 # -- A1-ext: external validation cells ----------------------------------------------------------------

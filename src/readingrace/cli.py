@@ -148,7 +148,9 @@ def suite(suite_dir: Annotated[str, typer.Argument(help="suite name under config
     index = run_suite(folder, data=datasets, out=out or Path("runs") / f"suite-{Path(folder).name}", budget=budget,
                       attribute=attribute, only=tuple(only or ()), shard_=parse_shard(shard),
                       overrides=_overrides(set_), dry_run=dry_run, say=_say)
-    typer.echo(f"{index.get('counts', {})}; {len(index['skipped'])} skipped")
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(index.get("counts", {}).items())) or "no runs"
+    typer.echo(f"{counts}; {len(index['skipped'])} experiment(s) or point(s) skipped by the plan"
+               + (" (dry run: nothing trained; plan written, suite index untouched)" if dry_run else ""))
 
 
 @app.command()

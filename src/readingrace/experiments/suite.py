@@ -485,8 +485,10 @@ def shard(runs: Sequence[PlannedRun], i: int, n: int) -> list[PlannedRun]:
     return [r for k, r in enumerate(runs) if k in mine]
 
 
-def index_name(shard_: tuple[int, int] | None) -> str:
-    return "suite.json" if shard_ is None else f"suite-{shard_[0]}-of-{shard_[1]}.json"
+def index_name(shard_: tuple[int, int] | None, *, dry_run: bool = False) -> str:
+    """``suite[-i-of-n].json``; a dry run writes ``plan[-i-of-n].json`` and never touches the index."""
+    stem = "plan" if dry_run else "suite"
+    return f"{stem}.json" if shard_ is None else f"{stem}-{shard_[0]}-of-{shard_[1]}.json"
 
 
 def _metrics_summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -513,7 +515,7 @@ def run_suite(folder: str | Path, *, data: dict[str, str], out: str | Path, budg
         say(f"skip {s.id}" + (f" on {s.dataset}" if s.dataset else "") + f": {s.reason}")
     say(f"{len(runs)} run(s) in this {'shard' if shard_ else 'suite'} ({len(plan.runs)} planned, "
         f"{len(plan.skipped)} skipped)")
-    path = out / index_name(shard_)
+    path = out / index_name(shard_, dry_run=dry_run)
     if path.is_file() and not dry_run:  # keep what an earlier call (e.g. with other --only) recorded
         planned = {r.run_dir for r in runs}
         try:
@@ -525,8 +527,11 @@ def run_suite(folder: str | Path, *, data: dict[str, str], out: str | Path, budg
     for k, r in enumerate(runs, 1):
         entry = {**r.entry(), "status": "planned", "reason": "", "seconds": 0.0}
         index["entries"].append(entry)
-        if dry_run:
-            say(f"[{k}/{len(runs)}] {r.id} {r.label} on {r.dataset} -> {r.run_dir}")
+        if dry_run:  # a finished run of this exact config (same content address) is reused, not redone
+            if (out / r.run_dir / "metrics.json").is_file():
+                entry.update(status="done", reason="finished earlier: reused")
+            say(f"[{k}/{len(runs)}] {r.id} {r.label} on {r.dataset} -> {r.run_dir}"
+                + (" (done)" if entry["status"] == "done" else ""))
             continue
         t0 = time.perf_counter()
         say(f"[{k}/{len(runs)}] {r.id} {r.label} on {r.dataset} -> {r.run_dir}")
