@@ -79,6 +79,20 @@ def test_folder_of_a_different_config(cli, tmp_path: Path) -> None:
     assert_user_error(run_cmd(cli, ds, out), str(out), "different config", "--force")
 
 
+@pytest.mark.parametrize("theirs", [["report.md", "cohort.csv"], ["suite.json"]])
+def test_folder_of_the_users_own_files_is_refused_untouched(cli, tmp_path: Path, theirs: list[str]) -> None:
+    """A non-empty folder that was never a run folder (the user's notes, a suite folder) is not written into."""
+    ds = make_dataset(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in theirs:
+        (out / name).write_text("my own notes\n")
+    assert_user_error(run_cmd(cli, ds, out), str(out), "holds files that are not from a readingrace run",
+                      theirs[0], "--out")
+    assert sorted(p.name for p in out.iterdir()) == sorted(theirs)
+    assert all((out / name).read_text() == "my own notes\n" for name in theirs)
+
+
 def test_folder_in_use_by_another_process(cli, tmp_path: Path) -> None:
     ds = make_dataset(tmp_path)
     out = tmp_path / "out"

@@ -10,7 +10,35 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from readingrace.errors import RunError
+
+
+def refuse_foreign_folder(run_dir: Path) -> None:
+    """Refuse a folder that holds files but was never a readingrace run folder.
+
+    Every run folder gets its ``.lock`` before anything else is written, so an interrupted run of ours
+    still has one; a run folder copied without its hidden files still has the ``config.yaml`` with the
+    run's fingerprint. A folder of the user's own files (or a suite folder) has neither, and nothing in
+    it may be overwritten.
+    """
+    if not run_dir.is_dir() or (run_dir / ".lock").exists() or _is_run_config(run_dir / "config.yaml"):
+        return
+    names = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise RunError(f"{run_dir} holds files that are not from a readingrace run ({shown}); readingrace writes "
+                       "only into a new or empty folder or one of its own run folders: choose another with --out")
+
+
+def _is_run_config(path: Path) -> bool:
+    """``path`` is a config.yaml that a readingrace run wrote (it carries the run's fingerprint)."""
+    try:
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "fingerprint" in data
 
 
 class RunLock:
@@ -21,6 +49,7 @@ class RunLock:
         self._fh = None
 
     def __enter__(self) -> RunLock:
+        refuse_foreign_folder(self.run_dir)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.run_dir / ".lock", "a+")  # noqa: SIM115 - held for the run
