@@ -74,7 +74,9 @@ def test_conflicting_sex_excludes_the_patient(tmp_path):
     write_nih(tmp_path, rows, {r[0] for r in rows})
     df, manifest = build_cohort(CohortConfig(source="nih", target="sex"), data_root=tmp_path)
     assert "2" not in set(df["patient_id"])
-    assert "1 patients whose sex differs" in {s.step: s for s in manifest.flow}["patients with one sex"].detail
+    assert "1 patient(s) whose sex differs" in {s.step: s for s in manifest.flow}["patients with one sex"].detail
+    assert [(k.item, k.reason) for k in manifest.skipped if k.item.startswith("patient ")] == [
+        ("patient 2", "sex differs between the patient's images")]  # traceable in manifest.json, never in reports
 
 
 def test_wrong_header_is_a_clear_error(tmp_path):

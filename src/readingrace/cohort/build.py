@@ -32,8 +32,10 @@ def exclude_conflicting(df: pd.DataFrame, column: str, manifest: Manifest, *, st
     n_values = df.groupby("patient_id", sort=False)[column].nunique(dropna=True)
     bad = n_values.index[n_values > 1]
     out = df[~df["patient_id"].isin(bad)]
+    manifest.skip_many([f"patient {p}" for p in bad], f"{column} differs between the patient's images", stage="cohort")
     manifest.step(step or f"patients with one {column}", df, out,
-                  detail=f"{len(bad)} patients whose {column} differs between records excluded")
+                  detail=f"{len(bad)} patient(s) whose {column} differs between images excluded" if len(bad)
+                  else f"no patient's {column} differs between images")
     return out
 
 

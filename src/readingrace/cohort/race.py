@@ -268,11 +268,13 @@ def conflicting_patients(records: pd.DataFrame, column: str, *, patient_col: str
 
 def exclude_conflicting(df: pd.DataFrame, column: str, manifest: Manifest, step: str, *,
                         patient_col: str = "patient_id", records: pd.DataFrame | None = None,
-                        records_patient_col: str | None = None) -> pd.DataFrame:
+                        records_patient_col: str | None = None, what: str | None = None) -> pd.DataFrame:
     """Drop every row of patients whose ``column`` takes more than one known value.
 
     The conflict is judged on ``records`` when given (e.g. all admissions of a patient) and otherwise on
     ``df`` itself; in both cases call this *before* any de-duplication, so that no record is lost first.
+    The excluded patients are listed in the manifest's skips (``patient <id>``), so that each can be
+    traced; reports show only their count. ``what`` names the column in the messages.
     """
     src = df if records is None else records
     rpc = records_patient_col or patient_col
@@ -280,8 +282,11 @@ def exclude_conflicting(df: pd.DataFrame, column: str, manifest: Manifest, step:
     out = df[~isin(df[patient_col], bad)]
     n_records = int(isin(src[rpc], bad).sum())
     manifest.counts[f"{step}: patients"] = int(len(bad))
-    return manifest.step(step, df, out, detail=(
-        f"{len(bad)} patients whose {column} differs across their {n_records} records; all their images removed"))
+    what = what or column
+    manifest.skip_many([f"patient {p}" for p in bad], f"{what} differs across the patient's records", stage="cohort")
+    detail = (f"{len(bad)} patient(s) whose {what} differs across their {n_records} records; all their images removed"
+              if len(bad) else f"no patient's {what} differs across records")
+    return manifest.step(step, df, out, detail=detail)
 
 
 def exclude_hispanic(df: pd.DataFrame, manifest: Manifest, *, column: str = "race_group",
@@ -355,7 +360,7 @@ def apply_race(df: pd.DataFrame, manifest: Manifest, *, raw_col: str, table: str
         groups = groups.where(eth != HISPANIC, HISPANIC)
     out = df.assign(race_group=groups)
     out = exclude_conflicting(out, "race_group", manifest, f"{prefix}race conflicting across records",
-                              patient_col=patient_col)
+                              patient_col=patient_col, what="race (harmonised)")
     if exclude_hispanic_rows:
         out = exclude_hispanic(out, manifest, step=f"{prefix}Hispanic/Latino excluded", patient_col=patient_col)
     return out.assign(race=to_cohort_race(out["race_group"]))

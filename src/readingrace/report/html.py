@@ -22,7 +22,7 @@ import pandas as pd
 
 from readingrace.experiments.rundir import write_atomic
 from readingrace.report.collect import Collected, RunRecord, collect, experiment_tables
-from readingrace.report.markdown import demographics_table, md_table
+from readingrace.report.markdown import demographics_table, md_table, skips_text
 
 FAMILIES = {
     "A": ("A: detecting the attribute from images across modalities", "Tables 3-5"),
@@ -265,9 +265,8 @@ def _cohort_parts(runs: list[RunRecord], out: Path) -> list[tuple[str, str, str]
                 cols = ["step", "images_before", "patients_before", "images_after", "patients_after", "detail"]
                 h.append(_html_table(flow[cols]))
                 m += [md_table(flow[cols]), ""]
-            skips = man.skip_counts()
-            if skips:
-                text = "Skipped files by reason: " + "; ".join(f"{k}: {v}" for k, v in skips.items())
+            if man.skip_counts():
+                text = skips_text(man)
                 h.append(f"<p class='note'>{html.escape(text)}</p>")
                 m += [text, ""]
         parts.append((f"{r.dataset} ({target})", "\n".join(h), "\n".join(m)))

@@ -218,9 +218,8 @@ def write_run_report(run_dir: Path, *, cfg: ExperimentConfig, cohort: pd.DataFra
     if not flow.empty:
         lines += ["Exclusion flow:", "", md_table(flow[["step", "images_before", "patients_before", "images_after",
                                                         "patients_after", "detail"]]), ""]
-    skips = manifest.skip_counts()
-    if skips:
-        lines += ["Skipped files by reason: " + "; ".join(f"{k}: {v}" for k, v in skips.items()), ""]
+    if manifest.skip_counts():
+        lines += [skips_text(manifest), ""]
     lines += ["## Results on the test split", "",
               md_table(metrics_table(metrics, metrics.get("reference"), metrics.get("cnn_vs_reference"))), ""]
     if metrics.get("reference"):
@@ -276,3 +275,8 @@ def write_run_report(run_dir: Path, *, cfg: ExperimentConfig, cohort: pd.DataFra
     path = run_dir / "report.md"
     write_atomic(path, "\n".join(lines))
     return path
+
+
+def skips_text(manifest) -> str:
+    """Skipped files and patients, counted by reason (never listed: items can hold patient ids)."""
+    return "Skipped by reason: " + "; ".join(f"{k}: {v}" for k, v in manifest.skip_counts().items())
