@@ -89,6 +89,26 @@ def test_random_init_notice_once_per_architecture(caplog, monkeypatch):
     assert len(notices) == 2 and "resnet-tiny" in notices[0] and "resnet18" in notices[1]
 
 
+def test_no_random_init_notice_when_a_checkpoint_is_loaded(caplog, monkeypatch, tmp_path):
+    """Loading a trained checkpoint (probe, predict, external) must not claim random initialisation."""
+    import lightning as L
+
+    from readingrace import models
+    from readingrace.train import ImageClassifier, load_classifier
+
+    monkeypatch.setattr(models, "_RANDOM_INIT_NOTICED", set())
+    trainer = L.Trainer(max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    model = ImageClassifier("resnet-tiny", 2)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    monkeypatch.setattr(models, "_RANDOM_INIT_NOTICED", set())
+    caplog.clear()  # the notice of the model built above (really randomly initialised)
+    with caplog.at_level("WARNING", logger=models.log.name):
+        load_classifier(tmp_path / "m.ckpt")
+        models.build_model("resnet-tiny", 2, checkpoint=True)
+    assert not [r for r in caplog.records if "no pretrained weights" in r.getMessage()]
+
+
 def test_local_weights_three_to_one_channel_and_head_skipped(tmp_path):
     src = build_model("resnet-tiny", 5)
     state = src.state_dict()

@@ -252,7 +252,7 @@ def _load_checkpoint(path: Path, arch: str | None) -> nn.Module:
     state = {_strip(k): v for k, v in state.items()}
     head_w = [v for k, v in state.items() if any(k == f"{h}.weight" for h in HEAD_NAMES.values())]
     n_out = int(head_w[0].shape[0]) if head_w else 2
-    model = build_model(arch, max(n_out, 2))
+    model = build_model(arch, max(n_out, 2), checkpoint=True)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:   # tensor shapes differ

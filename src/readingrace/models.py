@@ -7,8 +7,9 @@ file; without one the network starts from random initialisation and a notice say
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -65,8 +66,13 @@ ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
 HEAD_NAMES = {"resnet": "fc", "densenet": "class_layers.out", "efficientnet": "_fc"}
 
 
-def build_model(name: str, n_classes: int, *, weights: str | Path | None = None) -> nn.Module:
-    """Network ``name`` with ``n_classes`` outputs; load a local ``weights`` file when given."""
+def build_model(name: str, n_classes: int, *, weights: str | Path | None = None, checkpoint: bool = False
+                ) -> nn.Module:
+    """Network ``name`` with ``n_classes`` outputs; load a local ``weights`` file when given.
+
+    ``checkpoint=True`` (or inside :func:`loading_checkpoint`): the caller loads trained weights into it
+    next, so the random-initialisation notice would be wrong and is not given.
+    """
     if name not in ARCHITECTURES:
         raise ConfigError(f"model.name {name!r} is not known; choose one of {sorted(ARCHITECTURES)}")
     if n_classes < 2:
@@ -74,13 +80,26 @@ def build_model(name: str, n_classes: int, *, weights: str | Path | None = None)
     model = ARCHITECTURES[name](n_classes)
     if weights:
         load_weights(model, weights)
-    elif name not in _RANDOM_INIT_NOTICED:  # once per architecture and process, not on every checkpoint load
+    elif not (checkpoint or _LOADING_CHECKPOINT) and name not in _RANDOM_INIT_NOTICED:  # once per architecture
         _RANDOM_INIT_NOTICED.add(name)
         log.warning("model %s: no pretrained weights given (model.weights): random initialisation", name)
     return model
 
 
 _RANDOM_INIT_NOTICED: set[str] = set()
+_LOADING_CHECKPOINT = False
+
+
+@contextlib.contextmanager
+def loading_checkpoint() -> Iterator[None]:
+    """Networks built inside receive a checkpoint's weights (e.g. a Lightning module rebuilt from its
+    hyper-parameters): no random-initialisation notice."""
+    global _LOADING_CHECKPOINT
+    before, _LOADING_CHECKPOINT = _LOADING_CHECKPOINT, True
+    try:
+        yield
+    finally:
+        _LOADING_CHECKPOINT = before
 
 
 def load_weights(model: nn.Module, path: str | Path) -> dict[str, list[str]]:

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from readingrace.config import AugmentConfig, TrainConfig
 from readingrace.errors import CohortError, ConfigError, SplitError
-from readingrace.models import build_model
+from readingrace.models import build_model, loading_checkpoint
 from readingrace.predict import image_batches
 from readingrace.split import check_no_leakage, check_ratios, split_patients
 from readingrace.train import (
@@ -218,7 +218,8 @@ def load_multilabel(checkpoint: str | Path) -> MultiLabelClassifier:
     hp = dict(ckpt["hyper_parameters"])
     hp["weights"] = None
     arch, names = hp.pop("arch"), hp.pop("label_names")
-    model = MultiLabelClassifier(arch, names, **hp)
+    with loading_checkpoint():
+        model = MultiLabelClassifier(arch, names, **hp)
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
 

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from readingrace.config import AugmentConfig, TrainConfig
 from readingrace.errors import ConfigError
-from readingrace.models import build_model
+from readingrace.models import build_model, loading_checkpoint
 
 #: Intensity normalisation applied inside the model, after any perturbation in [0, 1] space
 #: (grey-level mean and std of ImageNet, for compatibility with ImageNet-pretrained weights).
@@ -254,7 +254,8 @@ def load_classifier(checkpoint: str | Path) -> ImageClassifier:
         raise ConfigError(f"{checkpoint} is not a readable readingrace checkpoint (loaded weights-only): "
                           f"{type(exc).__name__}: {str(exc)[:200]}") from None
     hp["weights"] = None
-    model = ImageClassifier(**hp)
+    with loading_checkpoint():
+        model = ImageClassifier(**hp)
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
 
