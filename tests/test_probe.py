@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from readingrace.errors import CohortError, ConfigError, LeakageError
+from readingrace.errors import CohortError, ConfigError, LeakageError, RunError
 from readingrace.features import (
     extract_features,
     find_head,
@@ -292,6 +292,20 @@ def test_state_dict_unchanged_after_probing_and_audit_report(tmp_path):
     assert json.loads((tmp_path / "audit" / "probe.json").read_text())["n_features"] == 128
     with pytest.raises(ConfigError, match="exactly one"):
         run_audit(images=images, cohort=cohort, out_dir=tmp_path / "x", targets=["sex"], say=lambda m: None)
+    # a layer that does not exist: a clear error and no output folder left behind
+    with pytest.raises(ConfigError, match="layer 'layer9' is not a submodule"):
+        run_audit(images=images, cohort=cohort, out_dir=tmp_path / "bad", targets=["sex"], model=str(tmp_path / "m.ckpt"),
+                  layer="layer9", n_bootstrap=0, say=lambda m: None)
+    assert not (tmp_path / "bad").exists()
+    # the same audit again into its own folder is fine; a folder of other files is refused untouched
+    run_audit(images=images, cohort=cohort, out_dir=tmp_path / "audit", targets=["sex"],
+              features=tmp_path / "feats.parquet", n_bootstrap=0, say=lambda m: None)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.md").write_text("mine")
+    with pytest.raises(RunError, match="not from a readingrace run"):
+        run_audit(images=images, cohort=cohort, out_dir=tmp_path / "mine", targets=["sex"],
+                  features=tmp_path / "feats.parquet", n_bootstrap=0, say=lambda m: None)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.md"]
 
 
 def test_continuous_target_is_refused():

@@ -41,6 +41,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from readingrace.errors import CohortError, ConfigError, SplitError
+from readingrace.experiments.rundir import RunLock, refuse_foreign_folder, write_atomic
 from readingrace.split import check_no_leakage, split_patients
 from readingrace.threads import threads_for
 
@@ -445,7 +446,7 @@ def run_audit(
     if features is not None and layer is not None:
         raise ConfigError("--layer applies to --model, not to saved --features")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    refuse_foreign_folder(out)  # before any work; nothing is written until the features exist
     cohort = cohort.reset_index(drop=True)
     ids = cohort["image_id"].astype(str).tolist()
     t0 = time.perf_counter()
@@ -457,34 +458,36 @@ def run_audit(
         index = cohort["cache_index"].to_numpy() if "cache_index" in cohort.columns else np.arange(len(cohort))
         feats = extract_features(net, images, index, layer=layer, batch_size=batch_size)
         source = f"{model}" + (f" layer {layer}" if layer else " (penultimate features)")
-        save_features(out / "features.npy", feats, ids)
-    say(f"features: {feats.shape[0]} images x {feats.shape[1]} ({time.perf_counter() - t0:.1f} s) from {source}")
-    report: dict[str, Any] = {"schema": "readingrace.audit/1", "feature_source": source,
-                              "n_features": int(feats.shape[1]), "targets": {}}
-    md = [f"# Audit: does {source} encode {', '.join(targets)}?", ""]
-    for target in targets:
-        res = run_probe(feats, cohort, target=target, ratios=ratios, seed=seed, probes=probes,
-                        reid_patients=reid_patients, reid_variant=reid_variant, n_bootstrap=n_bootstrap, level=level)
-        tdir = out / f"probe-{target}"
-        tdir.mkdir(exist_ok=True)
-        for name, pred in res.predictions.items():
-            pred.to_csv(tdir / f"predictions_{name}.csv", index=False)
-        entry = res.to_dict()
-        direct_m = comparison = None
-        if direct_predictions and target in direct_predictions:
-            direct = pd.read_csv(direct_predictions[target], dtype={"image_id": str, "patient_id": str})
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                direct_m = evaluate_predictions(direct, classes=res.classes, n_bootstrap=n_bootstrap, seed=seed,
-                                                level=level)
-            comparison = compare_with_direct(res, direct, n_bootstrap=n_bootstrap, seed=seed, level=level)
-            entry["direct"] = to_json_dict(direct_m)
-            entry["comparison"] = to_json_dict(comparison)
-        report["targets"][target] = entry
-        md.append(probe_markdown(res, feature_model=source, direct=direct_m, comparison=comparison))
-        for name, m in res.metrics.items():
-            say(f"{target}: {name} probe macro AUC {_ci(m)}")
-    (out / "probe.json").write_text(json.dumps(report, indent=2, allow_nan=False))
-    (out / "probe.md").write_text("\n".join(md))
+    with RunLock(out):
+        if features is None:
+            save_features(out / "features.npy", feats, ids)
+        say(f"features: {feats.shape[0]} images x {feats.shape[1]} ({time.perf_counter() - t0:.1f} s) from {source}")
+        report: dict[str, Any] = {"schema": "readingrace.audit/1", "feature_source": source,
+                                  "n_features": int(feats.shape[1]), "targets": {}}
+        md = [f"# Audit: does {source} encode {', '.join(targets)}?", ""]
+        for target in targets:
+            res = run_probe(feats, cohort, target=target, ratios=ratios, seed=seed, probes=probes,
+                            reid_patients=reid_patients, reid_variant=reid_variant, n_bootstrap=n_bootstrap, level=level)
+            tdir = out / f"probe-{target}"
+            tdir.mkdir(exist_ok=True)
+            for name, pred in res.predictions.items():
+                pred.to_csv(tdir / f"predictions_{name}.csv", index=False)
+            entry = res.to_dict()
+            direct_m = comparison = None
+            if direct_predictions and target in direct_predictions:
+                direct = pd.read_csv(direct_predictions[target], dtype={"image_id": str, "patient_id": str})
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    direct_m = evaluate_predictions(direct, classes=res.classes, n_bootstrap=n_bootstrap, seed=seed,
+                                                    level=level)
+                comparison = compare_with_direct(res, direct, n_bootstrap=n_bootstrap, seed=seed, level=level)
+                entry["direct"] = to_json_dict(direct_m)
+                entry["comparison"] = to_json_dict(comparison)
+            report["targets"][target] = entry
+            md.append(probe_markdown(res, feature_model=source, direct=direct_m, comparison=comparison))
+            for name, m in res.metrics.items():
+                say(f"{target}: {name} probe macro AUC {_ci(m)}")
+        write_atomic(out / "probe.json", json.dumps(report, indent=2, allow_nan=False))
+        write_atomic(out / "probe.md", "\n".join(md))
     say(f"wrote {out / 'probe.md'}")
     return report
