@@ -106,7 +106,7 @@ def evaluate_file(
     if not overwrite:
         for t in targets:
             if t.exists():
-                raise RunError(f"{t} already exists; pass overwrite=True (--overwrite) to replace it")
+                raise RunError(f"{t} already exists; replace it with --overwrite (overwrite=True in Python) or choose another folder with --out")
     if out.exists() and not out.is_dir():
         raise RunError(f"{out} exists and is not a folder; choose another output folder")
 

@@ -15,6 +15,7 @@ def predictions_file(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     n = 40
     df = pd.DataFrame({"image_id": [f"i{k}" for k in range(n)], "patient_id": [f"P{k}" for k in range(n)],
+                       "study_id": [f"S{k}" for k in range(n)],
                        "split": "test", "sex": np.where(np.arange(n) % 2, "F", "M"),
                        "label_Effusion": rng.integers(0, 2, n), "prob_Effusion": rng.random(n)})
     path = tmp_path / "pred.csv"

@@ -843,7 +843,7 @@ def write_json(path: str | os.PathLike[str], data: Mapping[str, Any], *, overwri
     """Write ``to_json_dict(data)`` atomically; an existing file is an error unless ``overwrite``."""
     p = Path(path)
     if p.exists() and not overwrite:
-        raise RunError(f"{p} already exists; pass overwrite=True (--overwrite) to replace it")
+        raise RunError(f"{p} already exists; replace it with --overwrite (overwrite=True in Python) or choose another folder with --out")
     p.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(to_json_dict(data), indent=2, allow_nan=False)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")

@@ -298,7 +298,7 @@ def _attribute_values(t: _Table, spec: str | Sequence[str], per_image: frozenset
     reserved = ("image_id", "patient_id")
     for c in cols:
         if c not in t.frame.columns or c in reserved or c.startswith((PROB_PREFIX, LABEL_PREFIX)):
-            not_groups = {*reserved, "label", "split", "path", "cache_index"}
+            not_groups = {*reserved, "study_id", "label", "split", "path", "cache_index"}
             avail = [x for x in t.frame.columns if x not in not_groups and not x.startswith((PROB_PREFIX, LABEL_PREFIX))]
             raise CohortError(f"{t.source}: group column {c!r} not found; group columns available: {avail}")
     parts = [_as_str(t.frame[c]) for c in cols]
