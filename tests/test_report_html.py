@@ -386,3 +386,25 @@ def test_galleries_are_shown_in_their_family_section(tmp_path):
     assert c3.count("<img") == 2
     md = paths["markdown"].read_text()
     assert "(../suite/C3/nih/00000000000000c3/gradcam/gradcam_Female_correct.png)" in md
+
+
+def test_within_strata_table_for_b5_leaves_out_the_target(tmp_path):
+    root = tmp_path / "suite"
+    rel = "B5/nih/00000000000000b5"
+    _run(root, rel, 0.8)
+    path = root / rel / "metrics.json"
+    m = json.loads(path.read_text())
+    m["strata"] = {"age_group": {"20-40": {**_metrics(0.7), "n_patients": 20}, "40-60": {**_metrics(0.9), "n_patients": 25}},
+                   "sex": {"Female": {**_metrics(0.5), "macro_auc": None}}}   # the target: one class per group
+    path.write_text(json.dumps(m))
+    (root / "suite.json").write_text(json.dumps({"entries": [{
+        "id": "B5", "family": "B", "title": "within age groups", "paper": "", "kind": "train", "dataset": "nih",
+        "attribute": "sex", "label": "baseline", "point": {}, "fingerprint": "00000000000000b5", "run_dir": rel,
+        "status": "done", "reason": "", "seconds": 1.0}], "skipped": []}))
+    paths = write_report([root], out=tmp_path / "rep")
+    md = paths["markdown"].read_text()
+    assert "### B5 (within strata): within age groups" in md
+    assert "| nih | age_group | 20-40 | 60 (20) | 0.700 [0.650, 0.750] |" in md
+    assert "| nih | age_group | 40-60 | 60 (25) | 0.900 [0.850, 0.950] |" in md
+    assert "| sex |" not in md and "\n\n\n" not in md
+    assert "B5 (within strata)" in paths["html"].read_text()

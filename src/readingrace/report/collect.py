@@ -297,8 +297,40 @@ TABLE_LAYOUT = {"C1-lowpass": ["d"], "C1-highpass": ["d"], "C1-bandpass": ["d1",
                 "A1": ["model"], "B4": ["threshold"]}
 
 
-def experiment_tables(tidy: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """One wide table per experiment id (the paper's table layout), test-time perturbations apart."""
+STRATA_SUFFIX = " (within strata)"
+
+
+def strata_table(runs: list[RunRecord], id_: str) -> pd.DataFrame:
+    """The runs of ``id_`` evaluated within each stratum (``evaluate.strata``: B1 BMI group, B2 density, B5
+    age group and sex, a view): one row per (run, stratum, group), AUC [95% CI] per class (one column for
+    two classes). A stratum that is the target itself is left out (one class per group: no AUC)."""
+    rows = []
+    for r in (r for r in runs if r.id == id_):
+        target = r.metrics.get("target") or r.attribute
+        for column, groups in (r.metrics.get("strata") or {}).items():
+            if column == target:
+                continue
+            for group, m in groups.items():
+                row = {"dataset": r.dataset, "label": r.label, "stratum": column, "group": group,
+                       "test images (patients)": f"{m.get('n_images')} ({m.get('n_patients')})"}
+                for cls, pc in (m.get("per_class") or {}).items():
+                    row[cls] = fmt_ci(pc.get("auc"), pc.get("auc_ci"))
+                row["macro"] = fmt_ci(m.get("macro_auc"), m.get("macro_auc_ci"))
+                rows.append(row)
+    if not rows:
+        return pd.DataFrame()
+    t = pd.DataFrame(rows)
+    keys = ["dataset", "label", "stratum", "group", "test images (patients)"]
+    classes = [c for c in t.columns if c not in keys]
+    wide = _one_column_if_binary(t.set_index(keys)[classes]).reset_index()
+    if (wide["label"] == "baseline").all():
+        wide = wide.drop(columns="label")
+    return wide
+
+
+def experiment_tables(tidy: pd.DataFrame, runs: list[RunRecord] | None = None) -> dict[str, pd.DataFrame]:
+    """One wide table per experiment id (the paper's table layout), test-time perturbations apart; with
+    ``runs``, also each experiment's AUCs within strata (``"<id> (within strata)"``)."""
     out: dict[str, pd.DataFrame] = {}
     for id_ in sorted(tidy["id"].unique()):
         by = [c for c in TABLE_LAYOUT.get(id_, ["label"]) if tidy.loc[tidy["id"] == id_, c].notna().any()] or ["label"]
@@ -320,6 +352,9 @@ def experiment_tables(tidy: pd.DataFrame) -> dict[str, pd.DataFrame]:
                 w = w.merge(diff[["dataset", "test_perturbation", TEST_DIFF_HEADER]],
                             on=["dataset", "test_perturbation"], how="left").fillna({TEST_DIFF_HEADER: ""})
             out[f"{id_} (test-time)"] = w
+        strata = strata_table(runs or [], id_)
+        if not strata.empty:
+            out[id_ + STRATA_SUFFIX] = strata
     return out
 
 
@@ -336,7 +371,7 @@ def collect(paths: list[str | Path], *, out: str | Path | None = None, figures: 
     result.files["results"] = out / "results.csv"
     write_atomic(out / "index.csv", pd.DataFrame(index + [{**s, "status": "skipped"} for s in skipped])
                  .drop(columns=["traceback"], errors="ignore").to_csv(index=False))
-    for id_, table in experiment_tables(tidy).items():
+    for id_, table in experiment_tables(tidy, runs).items():
         stem = id_.replace(" ", "_").replace("(", "").replace(")", "")
         write_atomic(out / f"{stem}.csv", table.to_csv(index=False))
         write_atomic(out / f"{stem}.md", md_table(table) + "\n")

@@ -21,8 +21,8 @@ from typing import Any
 import pandas as pd
 
 from readingrace.experiments.rundir import write_atomic
-from readingrace.report.collect import Collected, RunRecord, collect, experiment_tables
-from readingrace.report.markdown import demographics_table, md_table, skips_text
+from readingrace.report.collect import STRATA_SUFFIX, Collected, RunRecord, collect, experiment_tables
+from readingrace.report.markdown import cohort_table, demographics_table, md_table, skips_text
 
 FAMILIES = {
     "A": ("A: detecting the attribute from images across modalities", "Tables 3-5"),
@@ -219,8 +219,9 @@ def methods_text(runs: list[RunRecord]) -> str:
             f"One-vs-rest ROC-AUC per class on the held-out test split with 95% confidence intervals by "
             f"patient-clustered bootstrap ({', '.join(boot)} replicates). Software: readingrace {v['readingrace']}, "
             f"torch {v['torch']}, MONAI {v['monai']}, Lightning {v['lightning']}, scikit-learn {v['scikit-learn']}."
-            + (" Beside each CNN, a reference model (logistic regression on 32x32 thumbnails of the same, perturbed, "
-               "images, C chosen on the validation split) shows what coarse intensity and shape alone give."
+            + (" Beside each CNN, a reference model (logistic regression on 32x32 thumbnails of the images the CNN "
+               "saw, perturbed where the run perturbs them; C chosen on the validation split) shows what coarse "
+               "intensity and shape alone give."
                if any(c.get("evaluate", {}).get("reference") for c in cfgs) else ""))
 
 
@@ -243,14 +244,14 @@ def _cohort_parts(runs: list[RunRecord], out: Path) -> list[tuple[str, str, str]
         if key in seen or not (r.run_dir / "cohort.csv").is_file():
             continue
         seen.add(key)
-        cohort = pd.read_csv(r.run_dir / "cohort.csv", low_memory=False)
-        cohort = cohort.drop(columns=[c for c in ("patient_id", "path", "image_id", "study_id") if c in cohort])
+        cohort = pd.read_csv(r.run_dir / "cohort.csv", low_memory=False, dtype={"patient_id": str})
         target = r.attribute if r.attribute in cohort else r.metrics.get("target", "race")
-        counts = cohort.groupby(["split", target]).size().unstack(fill_value=0)
+        counts = cohort_table(cohort, target)  # counts only: identifiers are dropped right after
+        cohort = cohort.drop(columns=[c for c in ("patient_id", "path", "image_id", "study_id") if c in cohort])
         demo = demographics_table(cohort, target)
-        h = [f"<h3>{html.escape(r.dataset)} ({html.escape(target)})</h3>", "<p>Images per split and class:</p>",
-             _html_table(counts.reset_index())]
-        m = [f"### {r.dataset} ({target})", "", "Images per split and class:", "", md_table(counts.reset_index()), ""]
+        what = "Images (patients) per split and class:"
+        h = [f"<h3>{html.escape(r.dataset)} ({html.escape(target)})</h3>", f"<p>{what}</p>", _html_table(counts)]
+        m = [f"### {r.dataset} ({target})", "", what, "", md_table(counts), ""]
         if not demo.empty:
             h += ["<p>Table 1: characteristics by class (images, % of the class):</p>", _html_table(demo)]
             m += ["Table 1: characteristics by class (images, % of the class):", "", md_table(demo), ""]
@@ -322,13 +323,14 @@ def write_report(inputs: list[str | Path], *, out: str | Path) -> dict[str, Path
                and e.get("status") == "done" for root in roots if (root / e["run_dir"] / "confounders.md").is_file()]
     families = sorted({r.family for r in runs} | {e.get("family", "B") for e, _ in tabular}
                       | ({"A"} if col.external else set()))
-    tables = experiment_tables(tidy) if not tidy.empty else {}
+    tables = experiment_tables(tidy, col.runs) if not tidy.empty else {}
+    n_done = f"{len(runs)} finished run(s)" + (f" and {len(tabular)} tabular analysis(es) (no images)" if tabular else "")
     H = [(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>readingrace report</title>"
          f"<style>{CSS}</style></head><body>"), "<h1>readingrace report</h1>",
-         (f"<p>{len(runs)} finished run(s); every AUC is given with its 95% confidence interval and links to the "
+         (f"<p>{n_done}; every AUC is given with its 95% confidence interval and links to the "
          "run folder that produced it. Image galleries show pixels: burned-in annotations in the source images "
          "would show too.</p>")]
-    M = ["# readingrace report", "", f"{len(runs)} finished run(s); every AUC with its 95% CI.", ""]
+    M = ["# readingrace report", "", f"{n_done}; every AUC with its 95% CI.", ""]
     H.append("<section id='cohort'><h2>Cohort</h2>")
     M += ["## Cohort", ""]
     for _, h, m in _cohort_parts(runs, out):
@@ -343,7 +345,7 @@ def write_report(inputs: list[str | Path], *, out: str | Path) -> dict[str, Path
         M += [f"## {title}", ""] + ([f"Laid out like the paper's {paper}.", ""] if paper else [])
         for id_ in sorted({r.id for r in fam_runs}):
             r0 = next(r for r in fam_runs if r.id == id_)
-            for key in (id_, f"{id_} (test-time)"):
+            for key in (id_, f"{id_} (test-time)", id_ + STRATA_SUFFIX):
                 if key not in tables:
                     continue
                 t = tables[key]
@@ -404,7 +406,7 @@ def write_report(inputs: list[str | Path], *, out: str | Path) -> dict[str, Path
           "<section id='provenance'><h2>Provenance</h2>", ph, "</section></body></html>"]
     M += ["## Methods", "", methods, "", "## Provenance", "", pm, ""]
     write_atomic(out / "report.html", "\n".join(H))
-    write_atomic(out / "report.md", "\n".join(M))
+    write_atomic(out / "report.md", re.sub(r"\n{3,}", "\n\n", "\n".join(M)).rstrip("\n") + "\n")  # one blank line
     return {"html": out / "report.html", "markdown": out / "report.md"}
 
 
