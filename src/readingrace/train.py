@@ -204,13 +204,16 @@ def fit_resumable(model: L.LightningModule, train_loader: DataLoader, val_loader
                   cfg: TrainConfig, out_dir: Path, progress: bool = False, t0: float | None = None) -> TrainResult:
     """Fit with the paper's early stopping and checkpoints in ``out_dir``; resume from the last epoch.
 
-    ``checkpoints/best.ckpt`` is the best epoch by validation loss; ``checkpoints/last.ckpt`` the
-    last completed epoch (resumed from when present); logs go to ``logs/attempt-<k>/``.
+    ``checkpoints/best.ckpt`` is the best epoch by validation loss (weights and hyper-parameters only);
+    ``checkpoints/last.ckpt`` the last completed epoch with the optimiser and callback states (resumed from
+    when present); logs go to ``logs/attempt-<k>/``.
     """
     t0 = time.perf_counter() if t0 is None else t0
     ckpt_dir = out_dir / "checkpoints"
+    # best.ckpt is only ever loaded for its weights (prediction, probes): without the optimiser state it is a
+    # third of the size (ResNet18: 45 MB instead of 134 MB); last.ckpt keeps everything for resuming
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1)
+        dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1, save_weights_only=True)
     # Lightning's save_last only copies when a top-k checkpoint is saved (i.e. the best epoch);
     # resuming needs the last completed epoch, so a second, unmonitored checkpoint keeps it.
     last_epoch = L.pytorch.callbacks.ModelCheckpoint(
