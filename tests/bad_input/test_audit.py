@@ -53,8 +53,11 @@ def test_subgroups_needs_exactly_one_threshold_source(cli, tmp_path: Path) -> No
 def test_external_run_that_is_not_a_run_folder(cli, tmp_path: Path) -> None:
     missing = tmp_path / "nonexistent"
     assert_user_error(cli("external", "--run", f"a={missing}", "-o", tmp_path / "out"),
-                      "is not a run folder (no config.yaml)", "readingrace run")
+                      "nonexistent does not exist", "readingrace run")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    (tmp_path / "notes").mkdir()
+    assert_user_error(cli("external", "--run", f"a={tmp_path / 'notes'}", "-o", tmp_path / "out"),
+                      "is not a run folder (no config.yaml)", "readingrace run")
 
 
 def test_external_unknown_mode(cli, tmp_path: Path) -> None:

@@ -45,7 +45,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 def load_run_config(run_dir: Path) -> ExperimentConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        raise RunError(f"{run_dir} is not a run folder (no config.yaml): give the folder `readingrace run` wrote")
+        what = "does not exist" if not Path(run_dir).exists() else "is not a run folder (no config.yaml)"
+        raise RunError(f"{run_dir} {what}: give the folder `readingrace run` wrote")
     data = yaml.safe_load(path.read_text()) or {}
     data.pop("fingerprint", None)
     data.pop("readingrace", None)
