@@ -408,3 +408,22 @@ def test_within_strata_table_for_b5_leaves_out_the_target(tmp_path):
     assert "| nih | age_group | 40-60 | 60 (25) | 0.900 [0.850, 0.950] |" in md
     assert "| sex |" not in md and "\n\n\n" not in md
     assert "B5 (within strata)" in paths["html"].read_text()
+
+
+def test_perturbation_tables_name_the_unperturbed_baseline(tmp_path):
+    root = tmp_path / "suite"
+    entries = []
+    for id_, fam, rel, auc, perturb in [("A1", "A", "A1/nih/00000000000000a1", 0.7, None),
+                                        ("C4-drop", "C4", "C4-drop/nih/00000000000000c4", 0.6,
+                                         [{"name": "drop_cell", "row": 0, "col": 0}])]:
+        _run(root, rel, auc, perturb=perturb)
+        entries.append({"id": id_, "family": fam, "title": id_, "paper": "", "kind": "train", "dataset": "nih",
+                        "attribute": "sex", "label": "baseline" if perturb is None else "drop (0,0)",
+                        "point": {} if perturb is None else {"op": "drop", "row": 0, "col": 0},
+                        "fingerprint": rel[-16:], "run_dir": rel, "status": "done", "reason": "", "seconds": 1.0})
+    (root / "suite.json").write_text(json.dumps({"entries": entries, "skipped": []}))
+    md = write_report([root], out=tmp_path / "rep")["markdown"].read_text()
+    c4 = md[md.index("### C4-drop"):]
+    assert "Unperturbed baseline (same data, network and input size), macro AUC: nih: A1" in c4
+    assert "0.700 [0.650, 0.750]" in c4.split("\n\n")[2]   # the note right under the table
+    assert md.count("Unperturbed baseline") == 1           # not under A1 itself

@@ -22,7 +22,7 @@ import pandas as pd
 
 from readingrace.experiments.rundir import write_atomic
 from readingrace.report.collect import STRATA_SUFFIX, Collected, RunRecord, collect, experiment_tables
-from readingrace.report.markdown import cohort_table, demographics_table, md_table, skips_text
+from readingrace.report.markdown import cohort_table, demographics_table, fmt_ci, md_table, skips_text
 
 FAMILIES = {
     "A": ("A: detecting the attribute from images across modalities", "Tables 3-5"),
@@ -354,6 +354,10 @@ def write_report(inputs: list[str | Path], *, out: str | Path) -> dict[str, Path
                 H += [f"<h3 id='exp-{html.escape(key.replace(' ', '-'))}'>{html.escape(head)}</h3>",
                       _html_table(t, links)]
                 M += [f"### {head}", "", md_table(t), ""]
+                note = baseline_note(runs, id_) if key == id_ else ""
+                if note:
+                    H.append(f"<p class='note'>{html.escape(note)}</p>")
+                    M += [note, ""]
             for r in (r for r in fam_runs if r.id == id_):
                 png = _slice_figure(r, out)
                 if png:
@@ -444,6 +448,28 @@ def _external_section(col: Collected, out: Path) -> tuple[str, str]:
             m += [f"![external validation matrix {title}](tables/{png.name})", ""]
     h.append("</section>")
     return "\n".join(h), "\n".join(m)
+
+
+def baseline_note(runs: list[RunRecord], id_: str) -> str:
+    """For a perturbation experiment (a grid over ``perturb.train``): the unperturbed run on the same data,
+    network and input size (A1's, or any baseline of the same suite), so that a row reads as a change."""
+    def key(r: RunRecord) -> tuple:
+        c = r.config or {}
+        return (r.dataset, r.attribute, (c.get("model") or {}).get("name"), (c.get("image") or {}).get("size"))
+
+    perturbed = [r for r in runs if r.id == id_ and ((r.config or {}).get("perturb") or {}).get("train")]
+    if not perturbed:
+        return ""
+    plain = [r for r in runs if not ((r.config or {}).get("perturb") or {}).get("train")
+             and not ((r.config or {}).get("cohort") or {}).get("where") and r.metrics.get("macro_auc") is not None]
+    notes = []
+    for k in dict.fromkeys(key(r) for r in perturbed):
+        base = sorted((r for r in plain if key(r) == k), key=lambda r: (r.id != "A1", r.id))
+        if base:
+            b = base[0]
+            notes.append(f"{b.dataset}: {b.id} {k[2]} at {k[3]} px, {fmt_ci(b.metrics['macro_auc'], b.metrics.get('macro_auc_ci'))}")
+    return ("Unperturbed baseline (same data, network and input size), macro AUC: " + "; ".join(notes) + "."
+            if notes else "")
 
 
 def gallery_images(run: RunRecord) -> list[tuple[Path, str]]:
