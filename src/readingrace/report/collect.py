@@ -369,8 +369,9 @@ def collect(paths: list[str | Path], *, out: str | Path | None = None, figures: 
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "results.csv", tidy.to_csv(index=False))
     result.files["results"] = out / "results.csv"
-    write_atomic(out / "index.csv", pd.DataFrame(index + [{**s, "status": "skipped"} for s in skipped])
-                 .drop(columns=["traceback"], errors="ignore").to_csv(index=False))
+    listed = pd.DataFrame(index + [{**s, "status": "skipped"} for s in skipped],
+                          columns=None if index or skipped else ["id", "dataset", "label", "run_dir", "status", "reason"])
+    write_atomic(out / "index.csv", listed.drop(columns=["traceback"], errors="ignore").to_csv(index=False))
     for id_, table in experiment_tables(tidy, runs).items():
         stem = id_.replace(" ", "_").replace("(", "").replace(")", "")
         write_atomic(out / f"{stem}.csv", table.to_csv(index=False))
