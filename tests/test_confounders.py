@@ -240,6 +240,11 @@ def test_b3_default_grids_are_the_papers_and_binary_target():
     t = res["auc_table"].set_index(["model", "class"])
     assert t.loc[("xgboost", "M"), "auc"] == pytest.approx(1.0)
     assert set(t.index.get_level_values("class")) == {"F", "M"}
+    # a binary target's two one-vs-rest AUCs are one number: the report gives one row per model
+    md = cf.confounders_markdown({"target": "sex", "analyses": {"b3": res}})
+    rows = [line for line in md.splitlines() if line.startswith("| xgboost") or line.startswith("| logistic_l1")]
+    assert len(rows) == 2 and all("| F vs M |" in r for r in rows)
+    assert t.loc[("xgboost", "F"), "auc"] == pytest.approx(t.loc[("xgboost", "M"), "auc"])
 
 
 def test_b3_uses_given_split_column():

@@ -427,3 +427,30 @@ def test_perturbation_tables_name_the_unperturbed_baseline(tmp_path):
     assert "Unperturbed baseline (same data, network and input size), macro AUC: nih: A1" in c4
     assert "0.700 [0.650, 0.750]" in c4.split("\n\n")[2]   # the note right under the table
     assert md.count("Unperturbed baseline") == 1           # not under A1 itself
+
+
+def test_flow_figure_draws_only_steps_that_exclude_and_lists_the_rest():
+    from readingrace.report.figures import flow_steps
+
+    flow = pd.DataFrame([
+        {"step": "metadata rows", "images_before": 0, "patients_before": 0, "images_after": 1000, "patients_after": 300},
+        {"step": "image file present", "images_before": 1000, "patients_before": 300, "images_after": 900,
+         "patients_after": 280},
+        {"step": "sex recorded", "images_before": 900, "patients_before": 280, "images_after": 900, "patients_after": 280},
+        {"step": "patients with one sex", "images_before": 900, "patients_before": 280, "images_after": 890,
+         "patients_after": 279},
+    ])
+    (images, patients), steps, kept_all = flow_steps(flow)
+    assert (images, patients) == (1000, 300)
+    assert steps["step"].tolist() == ["image file present", "patients with one sex"]
+    assert kept_all == ["sex recorded"]
+
+
+def test_grid_points_sort_in_the_grid_order_not_as_text():
+    from readingrace.report.html import point_order
+
+    points = [{"d": 100}, {"d": 10}, {"d": 1}, {"d": 25}, {"d": 5}]
+    assert [p["d"] for p in sorted(points, key=point_order)] == [1, 5, 10, 25, 100]
+    cells = [{"row": 1, "col": 0}, {"row": 0, "col": 2}, {"row": 0, "col": 10}]
+    assert sorted(cells, key=point_order) == [{"row": 0, "col": 2}, {"row": 0, "col": 10}, {"row": 1, "col": 0}]
+    assert sorted([{"age_group": "80+"}, {"age_group": "0-20"}], key=point_order)[0] == {"age_group": "0-20"}

@@ -62,12 +62,15 @@ def _read_run(run_dir: Path, meta: dict[str, Any] | None = None) -> RunRecord | 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     meta = meta or {}
     name = meta.get("id") or (cfg or {}).get("name") or run_dir.name
+    label = str(meta.get("label", "baseline"))
+    if label == "baseline" and metrics.get("probe_reported"):  # A3: the headline AUC is a probe's, say which
+        label = f"{metrics['probe_reported']} probe on frozen features"
     return RunRecord(run_dir=run_dir, id=str(name), family=str(meta.get("family", _family_of(str(name)))),
                      title=str(meta.get("title", (cfg or {}).get("description", "") or "")),
                      paper=str(meta.get("paper", "")),
                      dataset=str(meta.get("dataset", (cfg or {}).get("cohort", {}).get("source", ""))),
                      attribute=str(meta.get("attribute", metrics.get("target", ""))),
-                     label=str(meta.get("label", "baseline")), point=dict(meta.get("point") or {}),
+                     label=label, point=dict(meta.get("point") or {}),
                      metrics=metrics, config=cfg or {})
 
 

@@ -215,36 +215,51 @@ def plot_slice_position(metrics: dict, path: Path, *, title: str = "", stratum: 
     return True
 
 
-def plot_flow(flow: pd.DataFrame, path: Path, *, title: str = "") -> bool:
-    """CONSORT-style flow: one box per step with images (patients) remaining, exclusions at the side."""
-    if flow.empty:
-        return False
+def flow_steps(flow: pd.DataFrame) -> tuple[tuple[int, int], pd.DataFrame, list[str]]:
+    """A manifest's flow table as the CONSORT figure draws it: the starting (images, patients), the steps
+    that removed something, and the names of the steps that removed nothing."""
     flow = flow.reset_index(drop=True)
-    if int(flow.loc[0, "images_before"]) == 0:  # a "read the metadata" step: it starts the flow
+    if len(flow) and int(flow.loc[0, "images_before"]) == 0:  # a "read the metadata" step starts the flow
         start = flow.loc[0, ["images_after", "patients_after"]].tolist()
         flow = flow.iloc[1:].copy()
-        if flow.empty:
-            return False
-        flow.iloc[0, flow.columns.get_loc("images_before")] = start[0]
-        flow.iloc[0, flow.columns.get_loc("patients_before")] = start[1]
+        if len(flow):
+            flow.iloc[0, flow.columns.get_loc("images_before")] = start[0]
+            flow.iloc[0, flow.columns.get_loc("patients_before")] = start[1]
+    if flow.empty:
+        return (0, 0), flow, []
+    first = (int(flow.iloc[0]["images_before"]), int(flow.iloc[0]["patients_before"]))
+    removed_any = (flow["images_before"].astype(int) != flow["images_after"].astype(int)) | (
+        flow["patients_before"].astype(int) != flow["patients_after"].astype(int))
+    return first, flow[removed_any], [str(s) for s in flow.loc[~removed_any, "step"]]
+
+
+def plot_flow(flow: pd.DataFrame, path: Path, *, title: str = "") -> bool:
+    """CONSORT-style flow: one box per step that removed images (images and patients remaining), the
+    exclusion at the side; steps that removed nothing are listed in one line under the last box."""
+    (n_images, n_patients), flow, kept_all = flow_steps(flow)
+    if not n_images and flow.empty:
+        return False
     plt = _plt()
     n = len(flow)
-    fig, ax = plt.subplots(figsize=(7, 1.0 + 0.9 * (n + 1)), dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 1.0 + 0.9 * (n + 1) + (0.5 if kept_all else 0)), dpi=100)
     ax.set_axis_off()
     ax.set_xlim(0, 10)
-    ax.set_ylim(-(n + 0.5), 1)
-    first = flow.iloc[0]
+    ax.set_ylim(-(n + 0.5 + (0.6 if kept_all else 0)), 1)
     box = {"boxstyle": "round", "fc": "#eef3fb", "ec": "#2b5b9b"}
-    ax.text(3, 0.3, f"{first['images_before']} images ({first['patients_before']} patients)",
+    ax.text(3, 0.3, f"{n_images:,} images ({n_patients:,} patients)",
             ha="center", va="center", bbox=box, fontsize=8)
     for k, (_, s) in enumerate(flow.iterrows(), 1):
         y = -k + 0.3
         ax.annotate("", xy=(3, y + 0.25), xytext=(3, y + 0.75), arrowprops={"arrowstyle": "->"})
-        ax.text(3, y, f"{s['images_after']} images ({s['patients_after']} patients)", ha="center", va="center",
-                bbox=box, fontsize=8)
-        removed = int(s["images_before"]) - int(s["images_after"])
-        ax.text(6.0, y + 0.5, f"{s['step']}: -{removed} images", ha="left", va="center", fontsize=7,
-                bbox={"boxstyle": "round", "fc": "#fff4e5", "ec": "#b36b00"})
+        ax.text(3, y, f"{int(s['images_after']):,} images ({int(s['patients_after']):,} patients)", ha="center",
+                va="center", bbox=box, fontsize=8)
+        images = int(s["images_before"]) - int(s["images_after"])
+        patients = int(s["patients_before"]) - int(s["patients_after"])
+        ax.text(6.0, y + 0.5, f"excluded by '{s['step']}':\n{images:,} images ({patients:,} patients)", ha="left",
+                va="center", fontsize=7, bbox={"boxstyle": "round", "fc": "#fff4e5", "ec": "#b36b00"})
+    if kept_all:
+        ax.text(0.2, -(n + 0.4), "no exclusions by: " + "; ".join(f"'{k}'" for k in kept_all), ha="left", va="center", fontsize=7,
+                wrap=True, color="#444444")
     if title:
         ax.set_title(title, fontsize=9)
     fig.savefig(path, bbox_inches="tight")

@@ -163,6 +163,17 @@ def _run_links(table: pd.DataFrame, tidy: pd.DataFrame, id_: str, out: Path) -> 
     return links
 
 
+def point_order(point: dict[str, Any]) -> tuple:
+    """Sort key of a grid point in the grid's own order: d = 1, 5, 10, ... (not 1, 10, 100, ...)."""
+    parts = []
+    for k, v in point.items():  # the grid's own key order (row before col)
+        try:
+            parts.append((k, 0, float(v), ""))
+        except (TypeError, ValueError):
+            parts.append((k, 1, 0.0, str(v)))
+    return tuple(parts)
+
+
 def _key(v: Any) -> str:
     """Compare grid values across tables: 2, 2.0 and "2" are the same point."""
     try:
@@ -317,7 +328,7 @@ def write_report(inputs: list[str | Path], *, out: str | Path) -> dict[str, Path
     out.mkdir(parents=True, exist_ok=True)
     col: Collected = collect(list(inputs), out=out / "tables")
     tidy = col.tidy
-    runs = sorted(col.runs, key=lambda r: (r.family, r.id, r.dataset, str(r.point)))
+    runs = sorted(col.runs, key=lambda r: (r.family, r.id, r.dataset, point_order(r.point)))
     roots = [Path(p) for p in inputs if Path(p).is_dir()]
     tabular = [(e, root / e["run_dir"]) for e in col.index if e.get("kind") == "confounders"
                and e.get("status") == "done" for root in roots if (root / e["run_dir"] / "confounders.md").is_file()]
@@ -461,7 +472,8 @@ def baseline_note(runs: list[RunRecord], id_: str) -> str:
     if not perturbed:
         return ""
     plain = [r for r in runs if not ((r.config or {}).get("perturb") or {}).get("train")
-             and not ((r.config or {}).get("cohort") or {}).get("where") and r.metrics.get("macro_auc") is not None]
+             and not ((r.config or {}).get("cohort") or {}).get("where") and r.metrics.get("macro_auc") is not None
+             and not r.metrics.get("probe_reported")]  # an A3 run's headline AUC is a probe's, not a baseline
     notes = []
     for k in dict.fromkeys(key(r) for r in perturbed):
         base = sorted((r for r in plain if key(r) == k), key=lambda r: (r.id != "A1", r.id))

@@ -838,6 +838,16 @@ _TITLES = {"b1": "B1: target from BMI (binomial GLM)", "b2": "B2: target from br
            "b3": "B3: target from disease labels"}
 
 
+def _one_row_if_binary(auc: pd.DataFrame) -> pd.DataFrame:
+    """For a two-class target both one-vs-rest AUCs are the same number: one row per model, "A vs B"."""
+    classes = [c for c in dict.fromkeys(auc["class"]) if c != "macro"]
+    if len(classes) != 2:
+        return auc
+    out = auc[auc["class"] == classes[1]].copy()
+    out["class"] = f"{classes[0]} vs {classes[1]}"
+    return out
+
+
 def confounders_markdown(result: Mapping[str, Any]) -> str:
     """A readable Markdown report of :func:`run_confounders` output."""
     run = _as_run(result)
@@ -868,6 +878,7 @@ def confounders_markdown(result: Mapping[str, Any]) -> str:
                       f"{res['cv']['n_folds']}-fold {res['cv']['splitter']}, scoring {res['cv']['scoring']}.", ""]
         auc = res.get("auc_table")
         if isinstance(auc, pd.DataFrame) and len(auc):
+            auc = _one_row_if_binary(auc)
             lines += _md_table(["model", "class", "AUC", "CI", "test patients", "test rows"],
                                [[r["model"], r["class"], _fmt(r["auc"]),
                                  f"[{_fmt(r['auc_ci_low'])}, {_fmt(r['auc_ci_high'])}]",
