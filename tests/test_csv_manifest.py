@@ -48,3 +48,20 @@ def test_column_mapping(tmp_path):
     cfg.options["columns"] = {"path": "File", "mrn": "MRN"}
     with pytest.raises(ConfigError, match="'mrn' is not a cohort column"):
         build_cohort(cfg, data_root=tmp_path)
+
+
+def test_sex_spellings_become_f_and_m_and_odd_values_are_reported(tmp_path):
+    rows = ["img/a.png,1,White,female", "img/b.png,2,Black,Male", "img/c.png,3,White,f", "img/d.png,4,Asian,M ",
+            "img/e.png,5,White,unknown", "img/g.png,6,White,woman"]
+    cfg = make(tmp_path, rows)
+    cfg.target = "sex"
+    df, manifest = build_cohort(cfg, data_root=tmp_path)
+    assert dict(zip(df["patient_id"], df["sex"])) == {"1": "F", "2": "M", "3": "F", "4": "M"}
+    assert any("'woman'" in w or "woman" in w for w in manifest.warnings)
+
+
+def test_a_target_column_the_csv_lacks_is_named(tmp_path):
+    cfg = make(tmp_path, ["img/a.png,1,White", "img/b.png,2,Black"], header="path,patient_id,race")
+    cfg.target = "sex"
+    with pytest.raises(CohortError, match="no image has a 'sex' value: the source has no 'sex' column"):
+        build_cohort(cfg, data_root=tmp_path)

@@ -95,6 +95,9 @@ def build_cohort(cfg: CohortConfig, *, data_root: str | Path | None = None) -> t
     target = cfg.target
     if target not in df.columns:
         raise CohortError(f"target {target!r} is not a cohort column; available: {sorted(df.columns)}")
+    if len(df) and not df[target].notna().any():
+        raise CohortError(f"no image has a {target!r} value: the source has no {target!r} column, or it is empty "
+                          f"(for a CSV, add the column or map yours with cohort.options.columns)")
     df = manifest.step(f"{target} recorded", df, df[df[target].notna() & (df[target].astype(str) != "unknown")],
                        detail=f"images without a {target} value dropped")
     if target not in PER_IMAGE_TARGETS:

@@ -128,6 +128,10 @@ def run_disease(cfg: ExperimentConfig, *, out: str | Path | None = None, data_ro
         existing = _check_run_dir(run_dir, cfg, force)
         if existing is not None:
             say(f"results already in {run_dir} (use --force to redo)")
+            for row in (existing.get("subgroups") or {}).get("by_group", []):
+                if row.get("metric") == "underdiagnosis_rate":
+                    say(f"underdiagnosis {row['attribute']}={row['group']}: "
+                        f"{_fmt(row['estimate'], row['ci_low'], row['ci_high'])}")
             return existing
         from readingrace.experiments.run import prepare
         from readingrace.multilabel import (

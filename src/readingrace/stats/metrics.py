@@ -327,7 +327,7 @@ def prepare_predictions(
         if outside.any():
             i = int(np.flatnonzero(outside)[0])
             raise CohortError(
-                f"{loc(i, ids.iloc[i])}, column {shown!r}: value {values[i]!r} is outside [0, 1] "
+                f"{loc(i, ids.iloc[i])}, column {shown!r}: value {float(values[i]):g} is outside [0, 1] "
                 f"({int(outside.sum())} row(s) in all); give probabilities (softmax/sigmoid), not logits"
             )
         out[col] = values

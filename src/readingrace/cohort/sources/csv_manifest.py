@@ -70,6 +70,10 @@ def load(options: dict[str, Any], data_root: Path, manifest: Manifest) -> pd.Dat
 
         df = apply_race(df.rename(columns={"race": "race_raw"}), manifest, raw_col="race_raw",
                         table=options.get("race_table", "generic"))
+    if "sex" in df.columns:  # Female / male / F / M (any case) -> F / M, as every other source gives it
+        from readingrace.cohort.sources.export import normalise_sex
+
+        df["sex"] = normalise_sex(df["sex"], manifest, what=f"{csv_path.name} column 'sex'")
     for col, max_value in (("age", 120.0), ("bmi", 150.0)):
         if col in df.columns:
             df[col] = _numeric_column(df, col, max_value, manifest, csv_path.name)
