@@ -78,3 +78,15 @@ def test_a_run_folders_config_yaml_loads_again(tmp_path):
     written.write_text(yaml.safe_dump({"fingerprint": cfg.fingerprint(), "readingrace": "0.1.0", **cfg.to_dict()}))
     again = load_config(written)
     assert again.fingerprint() == cfg.fingerprint() and again.train.max_epochs == 3
+
+
+def test_a_bad_override_is_blamed_on_set_not_on_the_file(tmp_path):
+    path = ROOT / "examples" / "nih_sex.yaml"
+    with pytest.raises(ConfigError, match=r"^--set train\.max_epoch: unknown config key 'train\.max_epoch'"):
+        load_config(path, overrides={"train": {"max_epoch": 3}})
+    with pytest.raises(ConfigError, match=r"^--set train\.max_epochs: train\.max_epochs: expected an integer"):
+        load_config(path, overrides={"train": {"max_epochs": "many"}})
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("train: {maxepochs: 3}\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml: unknown config key 'train\.maxepochs'"):
+        load_config(typo, overrides={"train": {"max_epochs": 3}})

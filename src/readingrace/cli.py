@@ -274,14 +274,10 @@ def disease(config: Annotated[Path, typer.Argument(help="experiment YAML with a 
 
     cfg = load_config(config, overrides=_overrides(set_))
     metrics = run_disease(cfg, out=out, data_root=data_root, force=force, progress=progress, say=_say)
-    from readingrace.report.markdown import fmt, fmt_ci
+    from readingrace.report.markdown import fmt
 
     typer.echo(f"mean test AUC over findings: {fmt(metrics.get('mean_auc'))}; operating threshold: "
                f"{metrics.get('threshold_source')}")
-    for row in (metrics.get("subgroups") or {}).get("by_group", []):
-        if row["metric"] == "underdiagnosis_rate":
-            typer.echo(f"  underdiagnosis {row['attribute']}={row['group']}: "
-                       f"{fmt_ci(row['estimate'], [row['ci_low'], row['ci_high']])}")
 
 
 @app.command()
@@ -352,7 +348,12 @@ def subgroups(predictions: Annotated[Path, typer.Argument(help="predictions file
 def _print_summary(metrics: dict) -> None:
     from readingrace.report.markdown import fmt_ci
 
-    lines = [f"macro AUC {fmt_ci(metrics.get('macro_auc'), metrics.get('macro_auc_ci'))}"]
+    summary = metrics.get("seed_summary") or {}
+    seed = f" (seed {summary['reported_seed']})" if summary.get("n", 1) > 1 else ""
+    lines = [f"macro AUC{seed} {fmt_ci(metrics.get('macro_auc'), metrics.get('macro_auc_ci'))}"]
+    if seed:
+        lines.append(f"  over {summary['n']} seeds: mean {summary['macro_auc_mean']:.3f}, "
+                     f"range {summary['macro_auc_min']:.3f}-{summary['macro_auc_max']:.3f}")
     for cls, m in metrics.get("per_class", {}).items():
         lines.append(f"  {cls}: AUC {fmt_ci(m.get('auc'), m.get('auc_ci'))}")
     ref = metrics.get("reference")

@@ -426,8 +426,18 @@ def load_config(path: str | Path | None = None, *, overrides: dict[str, Any] | N
     try:
         cfg = from_dict(ExperimentConfig, data)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+        given = [k for k in _dotted_keys(overrides or {}) if f"'{k}'" in str(exc) or str(exc).startswith(f"{k}:")]
+        where = f"--set {given[0]}" if given else (str(path) if path else "")
+        raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
     return _check(cfg)
+
+
+def _dotted_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
+    """``{"train": {"max_epochs": 3}}`` -> ``["train.max_epochs"]``."""
+    keys = []
+    for k, v in d.items():
+        keys += _dotted_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+    return keys
 
 
 def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
