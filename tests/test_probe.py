@@ -320,3 +320,81 @@ def test_compare_without_shared_images_says_so():
     other = res.predictions["softmax"].assign(image_id=lambda d: "other-" + d["image_id"])
     out = compare_with_direct(res, other, n_bootstrap=0)
     assert out["softmax"]["n_shared"] == 0 and "no shared test images" in out["softmax"]["note"]
+
+
+# ---------------------------------------------------------------------------------------------
+# which patients the audit tests on
+# ---------------------------------------------------------------------------------------------
+def _save_checkpoint(path: Path) -> Path:
+    torch.manual_seed(0)
+    clf = ImageClassifier("resnet-tiny", 2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"hyper_parameters": dict(clf.hparams), "state_dict": clf.state_dict()}, path)
+    return path
+
+
+def _two_target_cohort(n_patients: int) -> pd.DataFrame:
+    cohort = _cohort(n_patients)
+    ages = np.random.default_rng(5).choice(["20-40", "60-80"], n_patients)
+    return cohort.assign(age_group=[ages[int(p[1:])] for p in cohort["patient_id"]])
+
+
+def test_audit_of_a_run_checkpoint_tests_only_on_the_runs_test_patients(tmp_path):
+    from readingrace.split import split_patients
+
+    cohort = _two_target_cohort(90)
+    run_cohort = cohort[cohort["patient_id"] < "p0080"].copy()          # p0080..p0089: outside the run
+    run_cohort["split"] = split_patients(run_cohort, target="sex", ratios=(0.6, 0.1, 0.3), seed=7)
+    (tmp_path / "run").mkdir()
+    run_cohort.to_csv(tmp_path / "run" / "cohort.csv", index=False)
+    ckpt = _save_checkpoint(tmp_path / "run" / "seed-2021" / "checkpoints" / "best.ckpt")
+    report = run_audit(images=_images(len(cohort), size=32), cohort=cohort, out_dir=tmp_path / "audit",
+                       targets=["age_group"], model=str(ckpt), probes=("softmax",), n_bootstrap=0,
+                       say=lambda m: None)
+    assert report["feature_model_patients"] == "run-split"
+    assert report["feature_model_run"] == str((tmp_path / "run").resolve()) and report["rows_outside_run"] == 20
+    seen = set(run_cohort.loc[run_cohort["split"] != "test", "patient_id"])
+    run_test = set(run_cohort.loc[run_cohort["split"] == "test", "patient_id"])
+    tested = set(pd.read_csv(tmp_path / "audit" / "probe-age_group" / "predictions_softmax.csv",
+                             dtype={"patient_id": str})["patient_id"])
+    assert tested == run_test and not tested & seen                       # a target other than the run's
+    entry = report["targets"]["age_group"]
+    assert entry["split_counts"]["test"] == {"images": 2 * len(run_test), "patients": len(run_test)}
+    test_ages = run_cohort.loc[run_cohort["split"] == "test", "age_group"]
+    assert entry["class_counts"]["test"] == {c: int((test_ages == c).sum()) for c in ("20-40", "60-80")}
+    assert "the feature model's run split" in entry["split_source"] and entry["flags"] == []
+    md = (tmp_path / "audit" / "probe.md").read_text()
+    assert "`run-split`" in md and "images per class: train 20-40" in md
+    other = cohort.assign(patient_id="x" + cohort["patient_id"])  # another site: the model saw none of them
+    report = run_audit(images=_images(len(cohort), size=32), cohort=other, out_dir=tmp_path / "other",
+                       targets=["sex"], model=str(ckpt), probes=("softmax",), n_bootstrap=0, say=lambda m: None)
+    assert report["feature_model_patients"] == "none-in-run" and report["rows_outside_run"] == 0
+    entry = report["targets"]["sex"]
+    assert "the model saw none of them" in entry["feature_model_patients_note"] and entry["flags"] == []
+    assert sum(v["patients"] for v in entry["split_counts"].values()) == 90   # every patient used, once
+
+
+def test_audit_of_a_users_model_says_its_patients_are_unknown_or_excludes_them(tmp_path):
+    from readingrace.probe import read_patient_list
+
+    cohort = _two_target_cohort(60)
+    images = _images(len(cohort), size=32)
+    ckpt = _save_checkpoint(tmp_path / "mine.ckpt")                      # no run folder around it
+    report = run_audit(images=images, cohort=cohort, out_dir=tmp_path / "a", targets=["age_group"], model=str(ckpt),
+                       probes=("softmax",), n_bootstrap=0, say=lambda m: None)
+    assert report["feature_model_patients"] == "unknown" and report["feature_model_run"] is None
+    assert any("cannot know which patients" in f for f in report["targets"]["age_group"]["flags"])
+    assert "**flag**: the probe cannot know which patients" in (tmp_path / "a" / "probe.md").read_text()
+    pd.DataFrame({"patient_id": [f"p{p:04d}" for p in range(20)] + ["elsewhere"]}).to_csv(tmp_path / "seen.csv",
+                                                                                          index=False)
+    excluded = read_patient_list(tmp_path / "seen.csv")
+    report = run_audit(images=images, cohort=cohort, out_dir=tmp_path / "b", targets=["age_group"], model=str(ckpt),
+                       exclude_patients=excluded, probes=("softmax",), n_bootstrap=0, say=lambda m: None)
+    entry = report["targets"]["age_group"]
+    assert report["feature_model_patients"] == "excluded-by-user" and entry["flags"] == []
+    assert entry["excluded_patients"] == {"listed": 21, "in_cohort": 20, "images": 40}
+    assert sum(c["patients"] for c in entry["split_counts"].values()) == 40
+    assert "left out: 20 patient(s), 40 image(s), of the 21" in (tmp_path / "b" / "probe.md").read_text()
+    pd.DataFrame({"id": ["p1"]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(CohortError, match="needs a patient_id column"):
+        read_patient_list(tmp_path / "bad.csv")

@@ -9,7 +9,10 @@ Two probes on the same frozen features (rows aligned with a cohort table):
   ``C`` chosen by cross-validation grouped by patient (:class:`~sklearn.model_selection.StratifiedGroupKFold`,
   ROC-AUC); it fits on train + val, since the cross-validation takes the place of a validation split.
 
-Split rules (:func:`run_probe`): probe splits are always patient-disjoint (checked). For a
+Split rules (:func:`run_probe`): probe splits are always patient-disjoint (checked). The audit
+(:func:`run_audit`) of a checkpoint from a readingrace run reuses that run's patient split for every
+target, so the probe never tests on patients the feature model trained on; for other models it
+says the feature model's patients are unknown. For a
 re-identification model the probe by default uses only patients the re-identification model never
 saw (``reid_variant="unseen"``); the paper's variant, probing on the re-identification patients
 themselves, is ``reid_variant="paper"`` and is flagged in the output.
@@ -234,7 +237,7 @@ def run_probe(
     classes: Sequence[str] | None = None, reid_patients: Collection[str] | None = None,
     reid_variant: str = "unseen", n_bootstrap: int = 1000, level: float = 0.95, strata: Sequence[str] = (),
     linear_options: Mapping[str, Any] | None = None, logistic_options: Mapping[str, Any] | None = None,
-    split_note: str | None = None,
+    split_note: str | None = None, exclude_patients: Collection[str] | None = None,
 ) -> ProbeResult:
     """Probe ``features`` (rows aligned with ``cohort``) for ``target``: predictions and metrics per probe.
 
@@ -242,7 +245,8 @@ def run_probe(
     given, else a new patient split stratified by the target (``ratios``, ``seed``). Either way it
     must be patient-disjoint (:class:`LeakageError` otherwise). ``reid_patients``: the patients a
     re-identification feature model was trained on; ``reid_variant="unseen"`` (default) drops them,
-    ``"paper"`` keeps only them (flagged). Rows with a missing target are dropped and counted.
+    ``"paper"`` keeps only them (flagged). ``exclude_patients`` (e.g. the patients a user's feature
+    model trained on) are dropped and counted. Rows with a missing target are dropped and counted.
     """
     from readingrace.stats.metrics import evaluate_predictions
 
@@ -274,6 +278,12 @@ def run_probe(
             info["flags"].append(REID_VARIANTS["paper"])
         info["reid_patients_excluded" if reid_variant == "unseen" else "reid_patients_used"] = int(
             df.loc[seen, "patient_id"].nunique())
+    if exclude_patients is not None:
+        listed = {str(p) for p in exclude_patients}
+        named = df["patient_id"].astype(str).isin(listed).to_numpy()
+        keep &= ~named
+        info["excluded_patients"] = {"listed": len(listed), "in_cohort": int(df.loc[named, "patient_id"].nunique()),
+                                     "images": int(named.sum())}
     missing_target = df[target].isna().to_numpy() | (df[target].astype(str).str.strip() == "")
     info["rows_missing_target"] = int((missing_target & keep).sum())
     keep &= ~missing_target
@@ -308,6 +318,8 @@ def run_probe(
         raise SplitError(f"class(es) {absent} of {target!r} have no image in the probe's training split")
     info["split_policy"] = "patient-disjoint"
     info["split_counts"] = {s: {"images": int(len(i)), "patients": int(df["patient_id"].iloc[i].nunique())}
+                            for s, i in (("train", tr), ("val", va), ("test", te))}
+    info["class_counts"] = {s: {c: int((df[target].iloc[i] == c).sum()) for c in cls}
                             for s, i in (("train", tr), ("val", va), ("test", te))}
     test_rows = df.iloc[te]
     preds: dict[str, pd.DataFrame] = {}
@@ -408,7 +420,20 @@ def probe_markdown(result: ProbeResult, *, feature_model: str, direct: Mapping[s
                 lines.append(f"- {name} vs {direct_name}: {c.get('note')}")
     counts = ", ".join(f"{k} {v['images']} images ({v['patients']} patients)"
                        for k, v in (result.info.get("split_counts") or {}).items())
-    lines.append(f"- split: {result.info.get('split_policy')}; {result.info.get('split_source')}; {counts}")
+    lines.append(f"- probe split: {result.info.get('split_policy')}; {result.info.get('split_source')}; {counts}")
+    class_counts = result.info.get("class_counts") or {}
+    if class_counts:
+        lines.append("- images per class: " + "; ".join(
+            f"{s} " + ", ".join(f"{c} {n}" for c, n in per.items()) for s, per in class_counts.items()))
+    excluded = result.info.get("excluded_patients")
+    if excluded:
+        lines.append(f"- left out: {excluded['in_cohort']} patient(s), {excluded['images']} image(s), of the "
+                     f"{excluded['listed']} patient(s) listed as excluded")
+    for warning in next(iter(result.metrics.values())).get("warnings", []):
+        lines.append(f"- note: {warning}")
+    if "feature_model_patients" in result.info:
+        lines.append(f"- feature model's patients: `{result.info['feature_model_patients']}`: "
+                     f"{result.info.get('feature_model_patients_note', '')}")
     for flag in result.info.get("flags", []):
         lines.append(f"- **flag**: {flag}")
     ci_meta = next(iter(result.metrics.values()))["ci"]
@@ -419,22 +444,87 @@ def probe_markdown(result: ProbeResult, *, feature_model: str, direct: Mapping[s
 # --------------------------------------------------------------------------------------------
 # the audit of any model (the `readingrace probe` command)
 # --------------------------------------------------------------------------------------------
+#: How many folders above a checkpoint to look for its run's cohort.csv (RUN/seed-N/checkpoints/best.ckpt).
+RUN_SEARCH_DEPTH = 3
+SPLITS = ("train", "val", "test")
+UNKNOWN_PATIENTS_FLAG = ("the probe cannot know which patients the feature model saw (not a readingrace run "
+                         "checkpoint): its test patients may include the model's training patients; name them "
+                         "with --exclude-patients FILE")
+
+
+def run_folder_of(model: str | Path) -> Path | None:
+    """The readingrace run folder a checkpoint belongs to, or None.
+
+    The nearest of the checkpoint's ``RUN_SEARCH_DEPTH`` parent folders whose ``cohort.csv`` has
+    ``patient_id`` and ``split`` columns (a ``readingrace run`` / ``disease`` folder).
+    """
+    from readingrace.features import CHECKPOINT_SUFFIXES
+
+    path = Path(model)
+    if path.suffix.lower() not in CHECKPOINT_SUFFIXES or not path.is_file():
+        return None
+    for folder in list(path.resolve().parents)[:RUN_SEARCH_DEPTH]:
+        table = folder / "cohort.csv"
+        if table.is_file() and {"patient_id", "split"} <= set(pd.read_csv(table, nrows=0).columns):
+            return folder
+    return None
+
+
+def run_patient_split(run_dir: str | Path, cohort: pd.DataFrame) -> pd.Series:
+    """Each cohort row's split (train/val/test) in the run of ``run_dir``, by patient; NaN for patients
+    outside that run. Raises :class:`LeakageError` when the run's cohort.csv puts a patient in two splits."""
+    from readingrace.errors import LeakageError
+
+    path = Path(run_dir) / "cohort.csv"
+    table = pd.read_csv(path, usecols=["patient_id", "split"], dtype=str, keep_default_na=False)
+    table = table[table["split"].isin(SPLITS)].drop_duplicates()
+    twice = table["patient_id"][table["patient_id"].duplicated()]
+    if len(twice):
+        raise LeakageError(f"{path} puts patient {twice.iloc[0]!r} in more than one split; it is not a "
+                           "patient-disjoint run split")
+    return cohort["patient_id"].astype(str).map(dict(zip(table["patient_id"], table["split"])))
+
+
+def read_patient_list(path: str | Path) -> set[str]:
+    """Patient ids from a CSV file with a ``patient_id`` column (e.g. a feature model's training patients)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--exclude-patients {path}: file not found")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise CohortError(f"--exclude-patients {path}: not a readable CSV ({exc})") from exc
+    if "patient_id" not in table.columns:
+        raise CohortError(f"--exclude-patients {path}: needs a patient_id column; found {list(table.columns)[:8]}")
+    ids = {p.strip() for p in table["patient_id"] if p.strip()}
+    if not ids:
+        raise CohortError(f"--exclude-patients {path}: no patient ids")
+    return ids
+
+
 def run_audit(
     *, images: np.ndarray, cohort: pd.DataFrame, out_dir: str | Path, targets: Sequence[str],
     model: str | None = None, layer: str | None = None, arch: str | None = None, features: str | Path | None = None,
     direct_predictions: Mapping[str, str | Path] | None = None, ratios: Sequence[float] = DEFAULT_PROBE_RATIOS,
     seed: int = 2021, probes: Sequence[str] = PROBES, n_bootstrap: int = 1000, level: float = 0.95,
     batch_size: int = 64, reid_patients: Collection[str] | None = None, reid_variant: str = "unseen",
-    say: Callable[[str], None] = print,
+    exclude_patients: Collection[str] | None = None, say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Probe one model (or saved features) for each of ``targets``; write a report into ``out_dir``.
 
     Exactly one of ``model`` (checkpoint or ``package.module:function``, see
     :func:`readingrace.features.load_user_model`; ``layer`` picks a named layer) and ``features``
     (a saved file, see :func:`readingrace.features.load_saved_features`). ``cohort`` rows map to
-    ``images`` through ``cohort["cache_index"]`` (row position when absent). Per target: a new
-    patient split stratified by the target, both probes, and, when ``direct_predictions[target]``
-    names a predictions.csv of a model trained directly for it, the paired comparison. Writes
+    ``images`` through ``cohort["cache_index"]`` (row position when absent).
+
+    Which patients the probe tests on: when ``model`` is a checkpoint inside a readingrace run folder
+    (:func:`run_folder_of`), every target uses that run's patient split (probe train/val = the run's
+    train/val patients, probe test = its test patients; patients outside the run are left out), so
+    no test patient was seen by the feature model. Otherwise each target gets a new patient split
+    stratified by the target, ``exclude_patients`` (the model's training patients, when the user
+    knows them) are dropped, and without them the report says ``feature_model_patients: unknown``
+    (flagged). Per target: both probes and, when ``direct_predictions[target]`` names a
+    predictions.csv of a model trained directly for it, the paired comparison. Writes
     ``features.npy`` (+ ids), ``probe-<target>/predictions_<probe>.csv``, ``probe.json`` and
     ``probe.md``; returns the JSON dict.
     """
@@ -458,16 +548,51 @@ def run_audit(
         index = cohort["cache_index"].to_numpy() if "cache_index" in cohort.columns else np.arange(len(cohort))
         feats = extract_features(net, images, index, layer=layer, batch_size=batch_size)
         source = f"{model}" + (f" layer {layer}" if layer else " (penultimate features)")
+    run_dir = run_folder_of(model) if model is not None else None
+    probe_cohort, probe_feats, split, split_note, n_outside = cohort, feats, None, None, 0
+    if run_dir is not None:
+        split = run_patient_split(run_dir, cohort)
+        if not split.notna().any():  # another site's cohort: the model saw none of these patients
+            split = None
+    if run_dir is not None and split is None:
+        patients, patients_note = "none-in-run", (
+            f"none of the cohort's {cohort['patient_id'].nunique()} patients is in the feature model's run "
+            f"({run_dir / 'cohort.csv'}): the model saw none of them; a new patient split per target")
+    elif run_dir is not None and split is not None:
+        inside = split.notna().to_numpy()
+        outside = cohort.loc[~inside, "patient_id"]
+        n_outside = len(outside)
+        split_note = (f"the feature model's run split ({run_dir / 'cohort.csv'}): probe train/val = the run's "
+                      "train/val patients, probe test = the run's test patients")
+        if len(outside):
+            split_note += (f"; {len(outside)} image(s) of {outside.nunique()} patient(s) outside that run "
+                           "left out")
+        probe_cohort, probe_feats, split = cohort[inside].reset_index(drop=True), feats[inside], split[inside]
+        patients, patients_note = "run-split", ("none of the probe's test patients was in the feature model's "
+                                                "training or validation split (its run's test patients only)")
+    elif exclude_patients is not None:
+        patients, patients_note = "excluded-by-user", ("the patients named by --exclude-patients are left out; "
+                                                       "the probe relies on that list being complete")
+    else:
+        patients, patients_note = "unknown", "not known: the features do not come from a checkpoint in a readingrace run folder"
     with RunLock(out):
         if features is None:
             save_features(out / "features.npy", feats, ids)
         say(f"features: {feats.shape[0]} images x {feats.shape[1]} ({time.perf_counter() - t0:.1f} s) from {source}")
         report: dict[str, Any] = {"schema": "readingrace.audit/1", "feature_source": source,
-                                  "n_features": int(feats.shape[1]), "targets": {}}
+                                  "n_features": int(feats.shape[1]), "feature_model_patients": patients,
+                                  "feature_model_run": str(run_dir) if run_dir is not None else None,
+                                  "rows_outside_run": n_outside, "targets": {}}
+        say(f"feature model's patients: {patients}" + (f" ({split_note})" if split_note else ""))
         md = [f"# Audit: does {source} encode {', '.join(targets)}?", ""]
         for target in targets:
-            res = run_probe(feats, cohort, target=target, ratios=ratios, seed=seed, probes=probes,
-                            reid_patients=reid_patients, reid_variant=reid_variant, n_bootstrap=n_bootstrap, level=level)
+            res = run_probe(probe_feats, probe_cohort, target=target, split=split, split_note=split_note,
+                            ratios=ratios, seed=seed, probes=probes, reid_patients=reid_patients,
+                            reid_variant=reid_variant, exclude_patients=exclude_patients, n_bootstrap=n_bootstrap,
+                            level=level)
+            res.info.update(feature_model_patients=patients, feature_model_patients_note=patients_note)
+            if patients == "unknown":
+                res.info["flags"].append(UNKNOWN_PATIENTS_FLAG)
             tdir = out / f"probe-{target}"
             tdir.mkdir(exist_ok=True)
             for name, pred in res.predictions.items():
