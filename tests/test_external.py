@@ -18,9 +18,10 @@ import yaml
 from PIL import Image
 
 from readingrace.config import ExperimentConfig, config_from_dict
-from readingrace.errors import ConfigError, RunError
+from readingrace.errors import ConfigError, LeakageError, RunError
 from readingrace.experiments.external import (
     check_mode,
+    cohort_from_config,
     external_matrix,
     external_validation,
     input_images,
@@ -113,6 +114,21 @@ def test_matrix_of_every_ordered_pair(sites, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_cohort_a_model_trained_on_is_not_an_external_test(sites, tmp_path):
+    """Site A's model tested on site A's whole generated cohort: its 210 train/val images are left out;
+    the 90 left are its internal test images (noted), scored as the diagonal scores them."""
+    own = config_from_dict(site("site-a", seed=1, root=sites["root"]))
+    result = external_validation({"a": sites["runs"]["a"]}, {"site": own}, out=tmp_path / "m", say=lambda m: None)
+    cell = _cells(result)[("a", "site")]
+    internal = json.loads((sites["runs"]["a"] / "metrics.json").read_text())
+    assert cell["status"] == "done" and cell["n_images"] == internal["n_images"] == 90
+    assert cell["macro_auc"] == pytest.approx(internal["macro_auc"], abs=1e-6)
+    assert any("210 image(s) the model trained or validated on were left out" in n for n in cell["notes"])
+    assert any("90 image(s) overlap the model's internal test set" in n for n in cell["notes"])
+    assert "210 image(s) the model trained or validated on" in (tmp_path / "m" / "matrix.md").read_text()
+
+
+@pytest.mark.slow
 def test_cli_external_and_report(sites, tmp_path, capsys):
     from readingrace.cli import main
     from readingrace.report.html import write_report
@@ -137,8 +153,10 @@ def test_cli_external_and_report(sites, tmp_path, capsys):
     assert "NAME=VALUE" in capsys.readouterr().err
 
 
-def _fake_run(root: Path, classes: list[str], *, target: str = "group", size: int = 32) -> Path:
-    """A finished-looking run folder with an untrained resnet-tiny (for bookkeeping checks, no training)."""
+def _fake_run(root: Path, classes: list[str], *, target: str = "group", size: int = 32,
+              cohort: pd.DataFrame | None = None) -> Path:
+    """A finished-looking run folder with an untrained resnet-tiny (for bookkeeping checks, no training);
+    ``cohort``: its cohort.csv (with ``split``), by default two test images of other patients."""
     from readingrace.train import ImageClassifier
 
     run = root / "fake-run"
@@ -149,8 +167,10 @@ def _fake_run(root: Path, classes: list[str], *, target: str = "group", size: in
     (run / "seed-2021" / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"fingerprint": cfg.fingerprint(), **cfg.to_dict()}))
     (run / "metrics.json").write_text(json.dumps({"classes": classes, "macro_auc": 0.5, "macro_auc_ci": [0.4, 0.6]}))
-    pd.DataFrame({"image_id": ["i1", "i2"], "path": ["i1.png", "i2.png"], "patient_id": ["p1", "p2"],
-                  "study_id": ["i1", "i2"], target: classes[:2], "split": "test"}).to_csv(run / "cohort.csv", index=False)
+    if cohort is None:
+        cohort = pd.DataFrame({"image_id": ["i1", "i2"], "path": ["i1.png", "i2.png"], "patient_id": ["p1", "p2"],
+                               "study_id": ["i1", "i2"], target: classes[:2], "split": "test"})
+    cohort.to_csv(run / "cohort.csv", index=False)
     torch.manual_seed(0)
     model = ImageClassifier("resnet-tiny", len(classes))
     torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()},
@@ -223,13 +243,110 @@ def test_bad_inputs(tmp_path):
 
 
 def test_a_failing_cell_is_marked_and_reported(tmp_path):
-    run = _fake_run(tmp_path, ["A", "B"])  # learnt 'group'; the other cohort records race only
+    run = _fake_run(tmp_path, ["A", "B"])  # learnt 'group'; the other cohort is built for race
     other = config_from_dict({"name": "no-group", "cohort": {
         "source": "synthetic", "target": "race", "data_root": str(tmp_path / "generated"),
         "options": {"n_patients": 20, "images_per_patient": [1, 1], "signal": "none", "size": 32}}})
-    with pytest.raises(RunError, match=r"1 of 2 cell\(s\) failed .*no 'group' column"):
+    with pytest.raises(RunError, match=r"1 of 2 cell\(s\) failed .*built for target 'race'.*predicts 'group'"):
         external_validation({"fake": run}, {"other": other}, out=tmp_path / "m", say=lambda m: None)
     assert "n/a (failed)" in (tmp_path / "m" / "matrix.md").read_text()
     cells = json.loads((tmp_path / "m" / "external.json").read_text())["cells"]
     failed = next(c for c in cells if c["tested_on"] == "other")
-    assert failed["status"] == "failed" and "no 'group' column" in failed["reason"] and failed["macro_auc"] is None
+    assert failed["status"] == "failed" and "drop cohort.target" in failed["reason"] and failed["macro_auc"] is None
+    # built for the model's target instead, it lacks the column: failed with that reason
+    with pytest.raises(RunError, match=r"1 of 2 cell\(s\) failed .*target 'group' is not a cohort column"):
+        external_validation({"fake": run}, {"other": other}, out=tmp_path / "m", follow_model_target=["other"],
+                            say=lambda m: None)
+
+
+def _site_x(root: Path, *, n: int = 40, per_patient: int = 2, groups: tuple = ("A", "B"), target: bool = True) -> dict:
+    """A generated cohort labelled by 'group' (no signal), as an experiment config dict."""
+    return {"name": "site-x", "cohort": {
+        "source": "synthetic", **({"target": "group"} if target else {}), "data_root": str(root / "generated"),
+        "options": {"n_patients": n, "images_per_patient": [per_patient, per_patient], "attribute": "group",
+                    "groups": list(groups), "signal": "none", "size": 32, "seed": 5, "site": "x"}}}
+
+
+def test_images_and_patients_the_model_trained_on_are_left_out(tmp_path):
+    """The run's cohort.csv says what the model saw: those images (same file, or same patient_id and
+    image_id), then those patients' other images, are left out and counted; its test images stay, noted."""
+    other = config_from_dict(_site_x(tmp_path))
+    table, _ = cohort_from_config(other).load("group")  # 40 patients x 2 images
+    first = table.groupby("patient_id", sort=True).head(1)  # image i0 of each patient
+    pids = sorted(table["patient_id"].unique())
+    part = lambda i, j: set(pids[i:j])
+    seen = pd.concat([
+        table[table["patient_id"].isin(part(0, 10))].assign(split="train"),  # both images: same file (20)
+        first[first["patient_id"].isin(part(10, 15))].assign(split="val"),  # i0 same file (5); i1 same patient (5)
+        first[first["patient_id"].isin(part(15, 20))].assign(split="train",  # a copy elsewhere: same ids (5) ...
+                                                             path=lambda d: "/elsewhere/" + d["image_id"] + ".png"),
+        table[table["patient_id"].isin(part(20, 25))].assign(split="test"),  # the run's test split: kept (10)
+    ])
+    run = _fake_run(tmp_path, ["A", "B"], cohort=seen)
+    said: list[str] = []
+    m = predict_run(run, other, out=tmp_path / "x", say=said.append)
+    assert m["seen_by_model"] == {"same_image": 30, "same_file": 25, "same_ids_other_file": 5, "same_patient": 10,
+                                  "patients": 20, "internal_test_overlap": 10}
+    assert m["n_images"] == 40 and m["n_patients"] == 20  # 80 - 30 - 10; the 10 internal test images kept
+    pred = pd.read_csv(tmp_path / "x" / "predictions.csv", dtype={"patient_id": str})
+    assert not set(pred["patient_id"]) & part(0, 20)
+    assert set(pred["patient_id"]) == set(pids[20:])
+    notes = " | ".join(m["notes"])
+    assert "30 image(s) the model trained or validated on were left out (25 the same file, 5 the same" in notes
+    assert "10 other image(s) of 10 patient(s) of the model's training or validation split" in notes
+    assert "10 image(s) overlap the model's internal test set" in notes
+    assert sum("note: " in s for s in said) == 3 and any("overlap the model's internal test set" in s for s in said)
+    flow = json.loads((tmp_path / "x" / "manifest.json").read_text())["flow"]
+    step = next(s for s in flow if s["step"].startswith("not seen by the model"))
+    assert (step["images_before"], step["images_after"]) == (80, 40)
+    # the same patient and image ids at another hospital (another dataset, other files) are other people
+    elsewhere = seen.assign(dataset="hospital-b", path=lambda d: "/elsewhere/" + d["image_id"] + ".png")
+    m = predict_run(_fake_run(tmp_path / "b", ["A", "B"], cohort=elsewhere), other, out=tmp_path / "y",
+                    say=lambda s: None)
+    assert m["seen_by_model"]["same_image"] == 0 and m["seen_by_model"]["same_patient"] == 0
+    assert m["n_images"] == 80
+
+
+def test_a_cohort_the_model_trained_on_entirely_is_refused(tmp_path):
+    other = config_from_dict(_site_x(tmp_path, n=20, per_patient=1))
+    table, _ = cohort_from_config(other).load("group")
+    run = _fake_run(tmp_path, ["A", "B"], cohort=table.assign(split=["train", "val"] * 10))
+    with pytest.raises(LeakageError, match=r"all 20 image\(s\) of cohort 'site-x' are the model's own training"):
+        predict_run(run, other, out=tmp_path / "x", say=lambda s: None)
+    assert not (tmp_path / "x" / "metrics.json").exists()
+    # in the matrix: marked refused with its reason, never scored; the rest of the matrix stands (no error)
+    result = external_validation({"fake": run}, {"same": other}, out=tmp_path / "m", say=lambda s: None)
+    cell = next(c for c in result["cells"] if c["tested_on"] == "same")
+    assert cell["status"] == "refused" and cell["macro_auc"] is None and "training or validation" in cell["reason"]
+    md = (tmp_path / "m" / "matrix.md").read_text()
+    assert "n/a (refused)" in md and "- fake -> same: all 20 image(s)" in md
+
+
+def test_predict_cli_checks_the_target_and_says_what_it_left_out(tmp_path, capsys):
+    from readingrace.cli import main
+
+    run = _fake_run(tmp_path, ["A", "B", "C"])  # predicts 'group'
+    race = tmp_path / "race.yaml"
+    race.write_text(yaml.safe_dump({**_site_x(tmp_path), "cohort": {**_site_x(tmp_path)["cohort"], "target": "race"}}))
+    assert main(["predict", str(run), "--data", str(race), "-o", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "built for target 'race'" in err and "predicts 'group'" in err and "drop cohort.target" in err
+    assert "Traceback" not in err and not (tmp_path / "p").exists()
+    # no target in the config: the model's is used (the cohort is built for 'group')
+    free = tmp_path / "free.yaml"
+    free.write_text(yaml.safe_dump(_site_x(tmp_path, n=30, per_patient=1, groups=("A", "B", "D"), target=False)))
+    with pytest.warns(UserWarning, match="class 'C' has no images"):
+        assert main(["predict", str(run), "--data", str(free), "-o", str(tmp_path / "q")]) == 0
+    m = json.loads((tmp_path / "q" / "metrics.json").read_text())
+    flow = json.loads((tmp_path / "q" / "manifest.json").read_text())["flow"]
+    assert m["target"] == "group" and any(s["step"] == "group recorded" for s in flow)
+    n_d = m["excluded_classes"]["D"]
+    err = capsys.readouterr().err
+    assert f"{30 - n_d} images of" in err  # what is tested ...
+    assert f"note: {n_d} image(s) of class(es) the model never learnt were left out: D ({n_d})" in err  # ... and not
+    assert "note: class 'C' of the model is absent" in err
+    # an explicit target equal to the model's is accepted as well
+    same = tmp_path / "same.yaml"
+    same.write_text(yaml.safe_dump(_site_x(tmp_path, n=30, per_patient=1, groups=("A", "B", "D"))))
+    with pytest.warns(UserWarning, match="class 'C' has no images"):
+        assert main(["predict", str(run), "--data", str(same), "-o", str(tmp_path / "r")]) == 0

@@ -9,8 +9,10 @@ resizes. The default is the trained run's own ``image.mode``, i.e. what the mode
 
 Classes are harmonised by name: test images of a class the model never learnt are counted out (a
 step of the manifest, and a note), and a model class absent from the other cohort gets NaN with a
-note, never a silent drop. A cell folder records its inputs (``inputs.json``); the same inputs again
-reuse it.
+note, never a silent drop. The test cohort must be built for the model's target. Images the model
+trained or validated on (and other images of those patients), found in the run's own ``cohort.csv``,
+are excluded and noted; a cohort with nothing else is refused. A cell folder records its inputs
+(``inputs.json``); the same inputs again reuse it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import yaml
 from readingrace.cohort.build import build_cohort
 from readingrace.cohort.manifest import Manifest, sha256_file
 from readingrace.config import ExperimentConfig, config_from_dict
-from readingrace.errors import CohortError, ConfigError, ReadingRaceError, RunError
+from readingrace.errors import CohortError, ConfigError, LeakageError, ReadingRaceError, RunError
 from readingrace.experiments.rundir import RunLock, clean_nan, write_atomic, write_json
 
 SCHEMA = "readingrace.external/1"
@@ -77,29 +79,56 @@ class ExternalCohort:
     name: str
     description: str
     key: dict[str, Any]  # what identifies the images: a cell is reused only while this is unchanged
-    load: Callable[[], tuple[pd.DataFrame, Manifest]] = field(repr=False)
+    # load(model_target): the cohort table and its manifest
+    load: Callable[[str], tuple[pd.DataFrame, Manifest]] = field(repr=False)
     bit_depth: int | None = None
+    target: str | None = None  # the target its images were selected for; None: built for the model's target
+    target_fix: str = "test the model on a cohort built for its target"  # what to do when the targets differ
+
+    def check_target(self, model_target: str) -> None:
+        """:class:`ConfigError` when the cohort was built for another target than the model predicts."""
+        if self.target is not None and self.target != model_target:
+            raise ConfigError(f"cohort {self.name!r} is built for target {self.target!r} (its exclusions and classes), "
+                              f"but the model predicts {model_target!r}: {self.target_fix}")
+
+
+def read_test_config(path: str | Path, *, overrides: dict[str, Any] | None = None) -> tuple[ExperimentConfig, bool]:
+    """A test cohort's config, and whether it names its target (``cohort.target`` in the file, a file it
+    extends, or ``overrides``); one that does not is built for the target of the model tested on it."""
+    from readingrace.config import deep_merge, load_config, read_yaml
+
+    raw = deep_merge(read_yaml(path), overrides or {})
+    cohort = raw.get("cohort")
+    return load_config(path, overrides=overrides), isinstance(cohort, dict) and "target" in cohort
 
 
 def cohort_from_config(cfg: ExperimentConfig, *, name: str | None = None, data_root: str | Path | None = None,
-                       split: str | None = None) -> ExternalCohort:
+                       split: str | None = None, follow_model_target: bool = False) -> ExternalCohort:
     """Cohort ``cfg.cohort`` from its source: all its images, or (``split="test"``) only the test split
-    as a run of ``cfg`` would split it (same cohort, images, split ratios and seed)."""
+    as a run of ``cfg`` would split it (same cohort, images, split ratios and seed).
+
+    ``follow_model_target``: the config names no target, so the cohort is built for the target of the
+    model tested on it; otherwise it must be the model's (:meth:`ExternalCohort.check_target`)."""
     root = data_root or cfg.cohort.data_root
     d = cfg.to_dict()
     key: dict[str, Any] = {"cohort": {k: v for k, v in d["cohort"].items() if k != "data_root"},
                            "data_root": str(Path(root).resolve()) if root else None, "split": split}
+    if follow_model_target:
+        key["cohort"]["target"] = "the model's"  # the trained run's fingerprint in the cell's inputs has it
     if split:
         key.update(split_config=d["split"], image={k: d["image"][k] for k in ("size", "mode", "bit_depth")})
 
-    def load() -> tuple[pd.DataFrame, Manifest]:
+    def load(model_target: str) -> tuple[pd.DataFrame, Manifest]:
+        own = cfg
+        if follow_model_target and model_target != cfg.cohort.target:
+            own = config_from_dict({**d, "cohort": {**d["cohort"], "target": model_target}})
         if split is None:
             if root is not None and not Path(root).exists() and cfg.cohort.source != "synthetic":
                 raise CohortError(f"data folder not found: {root}")
-            return build_cohort(cfg.cohort, data_root=root)
+            return build_cohort(own.cohort, data_root=root)
         from readingrace.experiments.run import prepare
 
-        prep = prepare(cfg, data_root=root, say=lambda m: None)
+        prep = prepare(own, data_root=root, say=lambda m: None)
         table = prep.cohort.drop(columns=["cache_index"])
         part = prep.manifest.step(f"{split} split (split by patient as its own run splits it, seed {cfg.split.seed})",
                                   table, table[table["split"] == split])
@@ -107,7 +136,10 @@ def cohort_from_config(cfg: ExperimentConfig, *, name: str | None = None, data_r
 
     what = "all images" if split is None else f"the {split} split"
     return ExternalCohort(name=name or cfg.name, description=f"{what} of cohort {cfg.cohort.source}", key=key,
-                          load=load, bit_depth=cfg.image.bit_depth)
+                          load=load, bit_depth=cfg.image.bit_depth,
+                          target=None if follow_model_target else cfg.cohort.target,
+                          target_fix="drop cohort.target from its config (the model's target is then used) or "
+                                     "set it to the model's")
 
 
 def cohort_from_run(run_dir: str | Path, *, name: str | None = None) -> ExternalCohort:
@@ -120,7 +152,7 @@ def cohort_from_run(run_dir: str | Path, *, name: str | None = None) -> External
         raise RunError(f"{run_dir} has no cohort.csv: rerun `readingrace run` for that folder")
     key = {"run": cfg.fingerprint(), "cohort_sha256": sha256_file(path)}
 
-    def load() -> tuple[pd.DataFrame, Manifest]:
+    def load(model_target: str) -> tuple[pd.DataFrame, Manifest]:
         table = pd.read_csv(path, low_memory=False, dtype={"image_id": str, "patient_id": str, "study_id": str})
         if "split" not in table.columns:
             raise RunError(f"{path} has no 'split' column: rerun `readingrace run` for that folder")
@@ -131,7 +163,9 @@ def cohort_from_run(run_dir: str | Path, *, name: str | None = None) -> External
         return part, manifest
 
     return ExternalCohort(name=name or cfg.name, description=f"the test split of the run {cfg.name!r}", key=key,
-                          load=load, bit_depth=cfg.image.bit_depth)
+                          load=load, bit_depth=cfg.image.bit_depth, target=cfg.cohort.target,
+                          target_fix=f"the run in {run_dir} was trained for {cfg.cohort.target!r}; put runs of "
+                                     "one target in a matrix")
 
 
 def input_images(paths: list[str], *, trained: ExperimentConfig, mode: str | None = None,
@@ -145,16 +179,89 @@ def input_images(paths: list[str], *, trained: ExperimentConfig, mode: str | Non
                        bit_depth=bit_depth)
 
 
+# -- images the model has seen ---------------------------------------------------------------------
+def run_cohort(run_dir: Path) -> pd.DataFrame:
+    """The run's own ``cohort.csv`` (with its ``split``): which images the model trained, validated and tested on."""
+    path = run_dir / "cohort.csv"
+    if not path.is_file():
+        raise RunError(f"{run_dir} has no cohort.csv, so the images its model trained on are unknown and an "
+                       "external test could include them: rerun `readingrace run` for that folder")
+    table = pd.read_csv(path, low_memory=False, dtype={"image_id": str, "patient_id": str, "path": str})
+    missing = [c for c in ("image_id", "patient_id", "path", "split") if c not in table.columns]
+    if missing:
+        raise RunError(f"{path} lacks column(s) {missing}: rerun `readingrace run` for that folder")
+    return table
+
+
+def _real_paths(paths: pd.Series) -> pd.Series:
+    return paths.astype(str).map(os.path.realpath)
+
+
+def exclude_seen(cohort: pd.DataFrame, trained: pd.DataFrame, manifest: Manifest, *, name: str
+                 ) -> tuple[pd.DataFrame, list[str], dict[str, int]]:
+    """Drop from test ``cohort`` the images the model trained or validated on (``trained``: the run's
+    cohort.csv): the same file (resolved path) or the same (dataset, patient_id, image_id); then the
+    other images of those train/validation patients (same dataset and patient_id). Images of the run's own test split
+    stay (unseen) with a note. Returns the rest, notes and counts; :class:`LeakageError` if nothing is left.
+    """
+    seen = trained[trained["split"].isin(["train", "val"])]
+    own_test = trained[trained["split"] == "test"]
+    paths = _real_paths(cohort["path"])
+
+    def patient(df: pd.DataFrame) -> pd.Series:
+        """Patient ids are compared within a dataset: two hospitals may both have a patient "1"."""
+        ds = df["dataset"].fillna("").astype(str) if "dataset" in df.columns else pd.Series("", index=df.index)
+        return ds + "\x1f" + df["patient_id"].astype(str)
+
+    pairs = pd.MultiIndex.from_arrays([patient(cohort), cohort["image_id"].astype(str)])
+
+    def matches(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        part_pairs = pd.MultiIndex.from_arrays([patient(part), part["image_id"].astype(str)])
+        return paths.isin(set(_real_paths(part["path"]))).to_numpy(), pairs.isin(part_pairs)
+
+    same_file, same_ids = matches(seen)
+    same_image = same_file | same_ids
+    same_patient = ~same_image & patient(cohort).isin(set(patient(seen))).to_numpy()
+    test_file, test_ids = matches(own_test)
+    in_own_test = ~same_image & ~same_patient & (test_file | test_ids)
+    counts = {"same_image": int(same_image.sum()), "same_file": int(same_file.sum()),
+              "same_ids_other_file": int((same_ids & ~same_file).sum()), "same_patient": int(same_patient.sum()),
+              "patients": int(cohort.loc[same_image | same_patient, "patient_id"].nunique()),
+              "internal_test_overlap": int(in_own_test.sum())}
+    notes = []
+    if counts["same_image"]:
+        notes.append(f"{counts['same_image']} image(s) the model trained or validated on were left out "
+                     f"({counts['same_file']} the same file, {counts['same_ids_other_file']} the same patient_id and "
+                     "image_id in another file)")
+    if counts["same_patient"]:
+        n_pat = cohort.loc[same_patient, "patient_id"].nunique()
+        notes.append(f"{counts['same_patient']} other image(s) of {n_pat} patient(s) of the model's training or "
+                     "validation split were left out (same patient_id)")
+    keep = ~(same_image | same_patient)
+    rest = manifest.step("not seen by the model (its training and validation images and patients left out)",
+                         cohort, cohort[keep], detail="; ".join(notes))
+    if counts["internal_test_overlap"]:
+        notes.append(f"{counts['internal_test_overlap']} image(s) overlap the model's internal test set (unseen in "
+                     "training; kept)")
+    if rest.empty:
+        raise LeakageError(f"all {len(cohort)} image(s) of cohort {name!r} are the model's own training or validation "
+                           f"images ({counts['same_image']}) or other images of those patients "
+                           f"({counts['same_patient']}): not an external test; test on images it has not seen")
+    return rest, notes, counts
+
+
 # -- one cell ------------------------------------------------------------------------------------------
 def predict_run(run_dir: str | Path, other: ExperimentConfig | ExternalCohort, *, out: str | Path,
                 data_root: str | Path | None = None, mode: str | None = None, trained_on: str | None = None,
                 reuse: bool = True, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Predict cohort ``other`` with the trained model(s) of ``run_dir``; write predictions and metrics.
 
-    ``other``: a config (all images of its cohort, built with ``data_root``) or an :class:`ExternalCohort`.
-    Writes ``predictions.csv`` (first seed), ``predictions_seed-<s>.csv``, ``metrics.json`` (the
-    standard schema plus ``trained_on``, ``tested_on``, ``input_mode``, ``notes``), ``manifest.json`` and
-    ``inputs.json``; a folder whose ``inputs.json`` matches is reused (``"reused": True`` in the result).
+    ``other``: a config (all images of its cohort, built with ``data_root``; its target must be the
+    model's) or an :class:`ExternalCohort`. Images the model trained or validated on, and their patients,
+    are left out (:func:`exclude_seen`). Writes ``predictions.csv`` (first seed), ``predictions_seed-<s>.csv``,
+    ``metrics.json`` (the standard schema plus ``trained_on``, ``tested_on``, ``input_mode``, ``notes``,
+    ``excluded_classes``, ``seen_by_model``), ``manifest.json`` and ``inputs.json``; a folder whose
+    ``inputs.json`` matches is reused (``"reused": True`` in the result). Notes are also said.
     """
     from readingrace.predict import predict_proba, predictions_table
     from readingrace.stats.metrics import evaluate_predictions
@@ -167,27 +274,34 @@ def predict_run(run_dir: str | Path, other: ExperimentConfig | ExternalCohort, *
     input_mode = check_mode(mode) or trained.image.mode
     classes = [str(c) for c in internal["classes"]]
     target = trained.cohort.target
+    other.check_target(target)
+    seen = run_cohort(run_dir)
     inputs = {"schema": SCHEMA, "input_mode": input_mode, "tested": other.key,
               "trained": {"fingerprint": trained.fingerprint(), "metrics_sha256": sha256_file(run_dir / "metrics.json"),
-                          "seeds": list(trained.train.seeds)}}
+                          "cohort_sha256": sha256_file(run_dir / "cohort.csv"), "seeds": list(trained.train.seeds)}}
     out = Path(out)
     with RunLock(out):
         if reuse and _same_inputs(out, inputs):
             say(f"reusing {out} (same model, cohort and input mode)")
-            return {**json.loads((out / "metrics.json").read_text()), "reused": True}
+            metrics = json.loads((out / "metrics.json").read_text())
+            for note in metrics.get("notes") or []:
+                say(f"note: {note}")
+            return {**metrics, "reused": True}
         (out / INPUTS_FILE).unlink(missing_ok=True)  # incomplete until written again, last
-        cohort, manifest = other.load()
+        cohort, manifest = other.load(target)
         if target not in cohort.columns:
             raise CohortError(f"cohort {other.name!r} has no {target!r} column to compare with the model's classes "
                               f"{classes}; available: {sorted(map(str, cohort.columns))}")
+        cohort, notes, seen_counts = exclude_seen(cohort, seen, manifest, name=other.name)
         labels = cohort[target].astype(str)
         unknown = labels[~labels.isin(classes)].value_counts().sort_index()
-        notes = []
+        class_note = ""
         if len(unknown):
-            notes.append(f"{int(unknown.sum())} image(s) of class(es) the model never learnt were left out: "
-                         + ", ".join(f"{c} ({n})" for c, n in unknown.items()))
+            class_note = (f"{int(unknown.sum())} image(s) of class(es) the model never learnt were left out: "
+                          + ", ".join(f"{c} ({n})" for c, n in unknown.items()))
+            notes.append(class_note)
         cohort = manifest.step(f"{target} among the model's classes {classes}", cohort, cohort[labels.isin(classes)],
-                               detail="; ".join(notes))
+                               detail=class_note)
         if cohort.empty:
             raise CohortError(f"no image of cohort {other.name!r} has a {target} the model knows ({classes})")
         absent = [c for c in classes if c not in set(cohort[target].astype(str))]
@@ -202,6 +316,8 @@ def predict_run(run_dir: str | Path, other: ExperimentConfig | ExternalCohort, *
         if cohort.empty:
             raise CohortError(f"no image of cohort {other.name!r} could be decoded; see {out / 'manifest.json'}")
         say(f"{other.name}: {len(cohort)} images of {cohort['patient_id'].nunique()} patients ({other.description})")
+        for note in notes:
+            say(f"note: {note}")
         per_seed = {}
         for seed in trained.train.seeds:
             model = load_classifier(run_dir / f"seed-{seed}" / "checkpoints" / "best.ckpt")
@@ -221,6 +337,7 @@ def predict_run(run_dir: str | Path, other: ExperimentConfig | ExternalCohort, *
             "trained_on": trained_on or trained.name, "tested_on": other.name, "test_cohort": other.description,
             "input_mode": input_mode, "image_size": trained.image.size, "notes": notes,
             "excluded_classes": {str(c): int(n) for c, n in unknown.items()}, "absent_classes": absent,
+            "seen_by_model": seen_counts,
             "seeds": {str(s): {"macro_auc": m["macro_auc"], "macro_auc_ci": m["macro_auc_ci"]} for s, m in per_seed.items()},
         })
         manifest.write(out / "manifest.json")
@@ -355,17 +472,22 @@ def parse_named(items: Iterable[str], option: str) -> dict[str, str]:
 def external_validation(runs: Mapping[str, str | Path], data: Mapping[str, ExperimentConfig] | None = None, *,
                         out: str | Path, mode: str | None = None,
                         data_roots: Mapping[str, str | Path] | None = None,
+                        follow_model_target: Iterable[str] = (),
                         say: Callable[[str], None] = print) -> dict[str, Any]:
     """Every ordered pair (trained on X in ``runs``, tested on Y in ``runs`` or ``data``).
 
     X == Y is the run's own internal test (read from its metrics.json, not recomputed). Otherwise the
     model of X predicts Y into ``out/<X>__on__<Y>/``: for a run, Y's images are that run's test split;
-    for ``data``, all images of the config's cohort (``data_roots[Y]`` or its ``cohort.data_root``). A
-    cell that cannot be computed is recorded with its reason; then :class:`RunError` is raised after
-    the matrix files (``matrix.csv``, ``matrix.md``, ``matrix.png``, ``external.json``) are written.
+    for ``data``, all images of the config's cohort (``data_roots[Y]`` or its ``cohort.data_root``),
+    built for each model's target when Y is in ``follow_model_target`` (its config names no target).
+    X's own training and validation images and patients are left out of Y (:func:`exclude_seen`); a
+    cell with nothing else is ``refused``. A cell that cannot be computed is recorded with its reason
+    (``failed``); then :class:`RunError` is raised after the matrix files (``matrix.csv``,
+    ``matrix.md``, ``matrix.png``, ``external.json``) are written.
     """
     data = dict(data or {})
     data_roots = dict(data_roots or {})
+    follow_model_target = set(follow_model_target)
     check_mode(mode)
     if not runs:
         raise ConfigError("give at least one trained run (--run NAME=RUN_DIR)")
@@ -378,10 +500,14 @@ def external_validation(runs: Mapping[str, str | Path], data: Mapping[str, Exper
     stray = sorted(set(data_roots) - set(data))
     if stray:
         raise ConfigError(f"--data-root {stray}: no --data cohort of that name (runs carry their own image paths)")
+    unknown = sorted(follow_model_target - set(data))
+    if unknown:
+        raise ConfigError(f"follow_model_target {unknown}: no --data cohort of that name")
     out = Path(out)
     trained = {name: finished_run(path) for name, path in runs.items()}  # fail early on an unfinished run
     cohorts: dict[str, ExternalCohort] = {name: cohort_from_run(path, name=name) for name, path in runs.items()}
-    cohorts.update({name: cohort_from_config(cfg, name=name, data_root=data_roots.get(name))
+    cohorts.update({name: cohort_from_config(cfg, name=name, data_root=data_roots.get(name),
+                                             follow_model_target=name in follow_model_target)
                     for name, cfg in data.items()})
     cells: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -398,6 +524,10 @@ def external_validation(runs: Mapping[str, str | Path], data: Mapping[str, Exper
                 m = predict_run(run_dir, cohort, out=out / folder, mode=mode, trained_on=x, say=lambda s: say(f"  {s}"))
                 cells.append(cell_record(m, trained_on=x, tested_on=y, cell_dir=folder, input_mode=m["input_mode"],
                                          reused=m["reused"]))
+            except LeakageError as exc:  # nothing unseen to test on: refused, not a failure
+                say(f"  refused: {exc}")
+                cells.append(cell_record(None, trained_on=x, tested_on=y, cell_dir=folder, status="refused",
+                                         reason=str(exc), input_mode=mode or cfg_x.image.mode))
             except ReadingRaceError as exc:
                 say(f"  failed: {exc}")
                 cells.append(cell_record(None, trained_on=x, tested_on=y, cell_dir=folder, status="failed",
@@ -406,7 +536,7 @@ def external_validation(runs: Mapping[str, str | Path], data: Mapping[str, Exper
              "runs": {n: os.path.relpath(Path(p).resolve(), out.resolve()) for n, p in runs.items()},
              "cohorts": {n: c.description for n, c in cohorts.items()}}
     files = write_matrix(cells, out, extra=extra)
-    failed = [c for c in cells if c["status"] != "done"]
+    failed = [c for c in cells if c["status"] not in ("done", "refused")]
     if failed:
         raise RunError(f"{len(failed)} of {len(cells)} cell(s) failed ("
                        + "; ".join(f"{c['trained_on']} -> {c['tested_on']}: {c['reason']}" for c in failed)
