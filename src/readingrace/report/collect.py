@@ -4,12 +4,19 @@ Reads ``suite*.json`` indexes and each run's ``metrics.json`` / ``config.yaml``;
 tidy table has one row per (run, class) with ``auc, ci_lo, ci_hi`` (class ``macro`` for the macro
 average), the experiment id, family, dataset, attribute, grid point and the run folder, and, where the run
 fitted the thumbnail reference, its AUC (``ref_auc, ref_ci_lo, ref_ci_hi``) and the paired CNN - reference
-difference (``ref_diff, ref_diff_lo, ref_diff_hi``).
+difference (``ref_diff, ref_diff_lo, ref_diff_hi``). Disease runs (``readingrace disease``) get per-finding
+tables instead; planned suite runs without results are listed (:func:`pending_runs`). Output folders are
+written through :func:`staging` and :func:`install`, which never replace a file readingrace did not write.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +24,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from readingrace.errors import ConfigError
+from readingrace.errors import ConfigError, RunError
 from readingrace.experiments.rundir import write_atomic
 from readingrace.report.markdown import fmt_ci, md_table
 
@@ -39,6 +46,9 @@ class RunRecord:
     point: dict[str, Any]
     metrics: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)
+    #: "train" (an attribute model: per-class AUCs) or "disease" (``readingrace disease``: per-finding AUCs
+    #: and subgroup tables; never in the tidy attribute table).
+    kind: str = "train"
 
 
 @dataclass
@@ -52,6 +62,21 @@ class Collected:
     #: External validation (A1-ext): matrix title -> cells (``experiments.external.cell_record``), cell
     #: folders absolute.
     external: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: Planned runs of the suites with no results yet (another shard, an interrupted suite): rows for the
+    #: not-run table (status "not run yet"); ``n_pending`` of ``n_planned`` planned runs.
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    n_pending: int = 0
+    n_planned: int = 0
+
+    def pending_note(self) -> str:
+        """"k of n planned runs have no results yet (e.g. other shards): ..." or "" when none are missing."""
+        if not self.n_pending:
+            return ""
+        named = [f"{p['id']} {p['label']} on {p['dataset']}" if p.get("dataset") else str(p["id"])
+                 for p in self.pending]
+        more = f" and {len(named) - 5} more" if len(named) > 5 else ""
+        return (f"{self.n_pending} of {self.n_planned} planned runs have no results yet (e.g. other shards): "
+                f"{'; '.join(named[:5])}{more}.")
 
 
 def _read_run(run_dir: Path, meta: dict[str, Any] | None = None) -> RunRecord | None:
@@ -60,18 +85,46 @@ def _read_run(run_dir: Path, meta: dict[str, Any] | None = None) -> RunRecord | 
         return None
     metrics = json.loads(mpath.read_text())
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    meta = meta or {}
-    name = meta.get("id") or (cfg or {}).get("name") or run_dir.name
+    cfg, meta = cfg or {}, meta or {}
+    name = meta.get("id") or cfg.get("name") or run_dir.name
     label = str(meta.get("label", "baseline"))
     if label == "baseline" and metrics.get("probe_reported"):  # A3: the headline AUC is a probe's, say which
         label = f"{metrics['probe_reported']} probe on frozen features"
+    kind = "disease" if is_disease_run(cfg, metrics) else "train"
+    target = metrics.get("target") or (cfg.get("cohort") or {}).get("target", "")  # disease: the split's stratifier
     return RunRecord(run_dir=run_dir, id=str(name), family=str(meta.get("family", _family_of(str(name)))),
-                     title=str(meta.get("title", (cfg or {}).get("description", "") or "")),
+                     title=str(meta.get("title", cfg.get("description", "") or "")),
                      paper=str(meta.get("paper", "")),
-                     dataset=str(meta.get("dataset", (cfg or {}).get("cohort", {}).get("source", ""))),
-                     attribute=str(meta.get("attribute", metrics.get("target", ""))),
+                     dataset=str(meta.get("dataset", (cfg.get("cohort") or {}).get("source", ""))),
+                     attribute=str(meta.get("attribute", target)),
                      label=label, point=dict(meta.get("point") or {}),
-                     metrics=metrics, config=cfg or {})
+                     metrics=metrics, config=cfg, kind=kind)
+
+
+def is_disease_run(cfg: dict[str, Any], metrics: dict[str, Any]) -> bool:
+    """A `readingrace disease` run folder (``experiments/disease.py``: ``kind: disease`` in its config.yaml)."""
+    return cfg.get("kind") == "disease" or str(metrics.get("schema", "")).startswith("readingrace.disease")
+
+
+def findings_text(r: RunRecord) -> str:
+    """What a disease run was trained for: "the 14 findings and No Finding"."""
+    labels = [str(x) for x in r.metrics.get("labels") or []]
+    nf = r.metrics.get("no_finding")
+    findings = [x for x in labels if x != nf]
+    return f"the {len(findings)} finding{'' if len(findings) == 1 else 's'}" + (f" and {nf}" if nf in labels else "")
+
+
+def per_finding_table(r: RunRecord) -> pd.DataFrame:
+    """A disease run's test AUC per finding with its CI, positives / negatives and operating threshold."""
+    thresholds = r.metrics.get("thresholds") or {}
+    rows = []
+    for f in r.metrics.get("per_finding") or []:
+        t = thresholds.get(f.get("label"))
+        rows.append({"finding": f.get("label"),
+                     "AUC [95% CI]": fmt_ci(f.get("auc"), [f.get("auc_ci_low"), f.get("auc_ci_high")]),
+                     "positives / negatives": f"{f.get('n_positive')} / {f.get('n_negative')}",
+                     "threshold": "n/a" if t is None else f"{t:.3f}"})
+    return pd.DataFrame(rows, columns=["finding", "AUC [95% CI]", "positives / negatives", "threshold"])
 
 
 def _family_of(name: str) -> str:
@@ -113,6 +166,63 @@ def gather(paths: list[str | Path]) -> tuple[list[RunRecord], list[dict[str, Any
                 if rec:
                     runs[(root / e["run_dir"]).resolve()] = rec
     return list(runs.values()), list(entries.values()), list(skipped.values())
+
+
+NOT_RUN_YET = "not run yet"
+
+
+def pending_runs(paths: list[str | Path]) -> tuple[list[dict[str, Any]], int, int]:
+    """Planned runs of each suite folder that no index records (another shard not run, an interrupted suite):
+    (rows for the not-run table, how many have no results, how many are planned in all).
+
+    A shard's index knows the plan's size (``planned``) and its shard (``shard: [i, n]``), not the other
+    shards' runs: those are named when a dry-run plan (``plan*.json``) lists them, else counted per missing
+    shard. An entry still ``planned`` (its run never finished) without a ``metrics.json`` counts too.
+    """
+    from readingrace.experiments.suite import read_indexes
+
+    rows: list[dict[str, Any]] = []
+    n_pending = n_planned = 0
+    for p in map(Path, paths):
+        if not p.is_dir() or (p / "metrics.json").is_file() or _external_index(p) is not None:
+            continue
+        indexes = [ix for _, ix in read_indexes([p])]
+        if not indexes:
+            continue
+        entries = [e for ix in indexes for e in ix.get("entries", [])]
+        recorded = {e["run_dir"] for e in entries if e.get("status") != "planned"
+                    or (p / e["run_dir"] / "metrics.json").is_file()}
+        missing: dict[str, dict[str, Any]] = {}
+        for plan_file in sorted(p.glob("plan*.json")):  # dry-run plans name every planned run
+            for e in (_read_json(plan_file) or {}).get("entries", []):
+                if e.get("run_dir") and e["run_dir"] not in recorded:
+                    missing[e["run_dir"]] = e
+        for e in entries:
+            if e["run_dir"] not in recorded:
+                missing[e["run_dir"]] = e
+        planned = max([int(ix.get("planned") or 0) for ix in indexes] + [len(recorded | set(missing))])
+        for e in missing.values():
+            rows.append({"id": e.get("id"), "dataset": e.get("dataset", ""), "label": e.get("label", ""),
+                         "run_dir": e["run_dir"], "status": NOT_RUN_YET,
+                         "reason": "planned, no results yet: its shard has not run or has not reached it"})
+        unknown = max(0, planned - len(recorded | set(missing)))
+        if unknown:
+            shards = {tuple(ix["shard"]) for ix in indexes if ix.get("shard")}
+            n_shards = max((n for _, n in shards), default=0)
+            absent = [i for i in range(1, n_shards + 1) if (i, n_shards) not in shards]
+            for i in absent:
+                rows.append({"id": f"shard {i}/{n_shards}", "dataset": "", "label": "", "run_dir": "",
+                             "status": NOT_RUN_YET,
+                             "reason": (f"no suite-{i}-of-{n_shards}.json in {p}: that shard has not run yet "
+                                        f"({unknown} run(s) of the plan in the missing shard(s); `readingrace suite "
+                                        "... --dry-run` writes plan.json, which names them)")})
+            if not absent:
+                rows.append({"id": "(suite)", "dataset": "", "label": "", "run_dir": "", "status": NOT_RUN_YET,
+                             "reason": (f"{unknown} planned run(s) in no index of {p}: the suite stopped before "
+                                        "them; rerun the same command to resume")})
+        n_pending += len(missing) + unknown
+        n_planned += planned
+    return rows, n_pending, n_planned
 
 
 EXTERNAL_INDEX = "external.json"
@@ -199,7 +309,7 @@ LUNG_TESTS = (("original", "original, images with a usable lung mask"), ("lung_o
 def tidy_table(runs: list[RunRecord]) -> pd.DataFrame:
     """One row per run and class (+ ``macro``), AUC with its CI, plus test-time perturbations."""
     rows = []
-    for r in runs:
+    for r in (r for r in runs if r.kind != "disease"):  # a disease run's AUCs are per finding: per_finding_table
         m = r.metrics
         base = {"id": r.id, "family": r.family, "dataset": r.dataset, "attribute": r.attribute, "label": r.label,
                 **{k: r.point.get(k) for k in POINT_COLS}, "test_perturbation": "",
@@ -362,20 +472,41 @@ def experiment_tables(tidy: pd.DataFrame, runs: list[RunRecord] | None = None) -
 
 
 def collect(paths: list[str | Path], *, out: str | Path | None = None, figures: bool = True) -> Collected:
-    """Merge suites/runs; with ``out``, write ``results.csv``, ``index.csv``, per-experiment CSV/MD and figures."""
+    """Merge suites/runs; with ``out``, write ``results.csv``, ``index.csv``, per-experiment CSV/MD and figures
+    (never replacing a file there that readingrace did not write: :func:`install`)."""
     runs, index, skipped = gather(paths)
     tidy = tidy_table(runs)
-    result = Collected(runs=runs, index=index, skipped=skipped, tidy=tidy, external=gather_external(paths))
+    pending, n_pending, n_planned = pending_runs(paths)
+    result = Collected(runs=runs, index=index, skipped=skipped, tidy=tidy, external=gather_external(paths),
+                       pending=pending, n_pending=n_pending, n_planned=n_planned)
     if out is None:
         return result
     out = Path(out)
+    with staging(out) as stage:
+        write_collected(result, stage, figures=figures)
+        install(stage, out, what="readingrace collect")
+    result.files = {k: out / p.relative_to(stage) for k, p in result.files.items()}
+    result.out = out
+    return result
+
+
+def write_collected(result: Collected, out: Path, *, figures: bool = True) -> None:
+    """Write the collected tables and figures into ``out`` (a fresh folder: :func:`collect` stages them)."""
     out.mkdir(parents=True, exist_ok=True)
+    tidy, index, skipped = result.tidy, result.index, result.skipped
     write_atomic(out / "results.csv", tidy.to_csv(index=False))
     result.files["results"] = out / "results.csv"
-    listed = pd.DataFrame(index + [{**s, "status": "skipped"} for s in skipped],
-                          columns=None if index or skipped else ["id", "dataset", "label", "run_dir", "status", "reason"])
+    listed = pd.DataFrame(index + [{**s, "status": "skipped"} for s in skipped] + result.pending,
+                          columns=None if index or skipped or result.pending
+                          else ["id", "dataset", "label", "run_dir", "status", "reason"])
     write_atomic(out / "index.csv", listed.drop(columns=["traceback"], errors="ignore").to_csv(index=False))
-    for id_, table in experiment_tables(tidy, runs).items():
+    for r in (r for r in result.runs if r.kind == "disease"):  # per finding, beside the attribute tables
+        stem = "disease-" + "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in f"{r.id}-{r.dataset}")
+        table = per_finding_table(r)
+        write_atomic(out / f"{stem}.csv", table.to_csv(index=False))
+        write_atomic(out / f"{stem}.md", md_table(table) + "\n")
+        result.files[f"disease {r.id} ({r.dataset})"] = out / f"{stem}.csv"
+    for id_, table in experiment_tables(tidy, result.runs).items():
         stem = id_.replace(" ", "_").replace("(", "").replace(")", "")
         write_atomic(out / f"{stem}.csv", table.to_csv(index=False))
         write_atomic(out / f"{stem}.md", md_table(table) + "\n")
@@ -394,5 +525,70 @@ def collect(paths: list[str | Path], *, out: str | Path | None = None, figures: 
         result.files[f"external {title}"] = out / f"{stem}.csv"
         if figures and plot_external_matrix(cells, out / f"{stem}.png"):
             result.files[f"external {title} figure"] = out / f"{stem}.png"
-    result.out = out
-    return result
+
+
+#: In a folder readingrace writes (report, collected tables): the files it wrote there, with their SHA-256.
+WRITTEN = ".readingrace-written.json"
+#: First line of report.md / a meta tag of report.html: marks a report readingrace wrote (see :func:`install`).
+REPORT_MARK = "generated by readingrace report"
+
+
+@contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A fresh hidden folder inside ``out`` (same file system, so files move in by rename); removed after."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out} exists and is not a folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=".readingrace-staging-", dir=out))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _ours(path: Path, rel: str, written: dict[str, str]) -> bool:
+    """Did readingrace write ``path`` (as it is now)? Listed in the folder's record with the same content, or a
+    report carrying the generator mark."""
+    if written.get(rel) == _sha256(path):
+        return True
+    if path.name in ("report.html", "report.md"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(2000)
+        # reports of earlier versions (before the mark): their title
+        return (REPORT_MARK in head or "<title>readingrace report</title>" in head
+                or head.startswith("# readingrace report\n"))
+    return False
+
+
+def install(stage: Path, out: Path, *, what: str) -> list[Path]:
+    """Move every file under ``stage`` to the same place under ``out``; refuse (RunError, nothing moved) when
+    one would replace a file readingrace did not write there (a user's file, or one changed since)."""
+    record = _read_json(out / WRITTEN) or {}
+    written = record.get("files") if isinstance(record.get("files"), dict) else {}
+    files = sorted(p for p in stage.rglob("*") if p.is_file())
+    rels = [p.relative_to(stage).as_posix() for p in files]
+    foreign = [rel for rel in rels
+               if (out / rel).exists() and not ((out / rel).is_file() and _ours(out / rel, rel, written))]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise RunError(f"{out}: {what} would replace {shown}, not written by readingrace (or changed since); "
+                       "move it away or choose another --out")
+    moved = []
+    for p, rel in zip(files, rels):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        written[rel] = _sha256(p)
+        os.replace(p, out / rel)
+        moved.append(out / rel)
+    write_atomic(out / WRITTEN, json.dumps({"by": what, "files": written}, indent=1, sort_keys=True))
+    return moved

@@ -3,8 +3,9 @@
 Built from run folders and/or suite folders (:mod:`readingrace.report.collect`); never trains.
 Sections: cohort (Table 1, exclusion flow), one section per experiment family with the paper's
 table layout (each AUC with its 95% CI, linked to its run folder) and figures, ROC and training
-curves, Grad-CAM galleries when present, methods generated from the resolved configs, provenance.
-Patient identifiers never appear: the cohort is summarised, never listed.
+curves, Grad-CAM galleries when present, disease runs (per-finding AUCs, subgroup tables), methods
+generated from the resolved configs, provenance. Patient identifiers never appear: the cohort is
+summarised, never listed. A file in the report folder that readingrace did not write is never replaced.
 """
 
 from __future__ import annotations
@@ -15,14 +16,35 @@ import importlib.metadata
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from readingrace.experiments.rundir import write_atomic
-from readingrace.report.collect import STRATA_SUFFIX, Collected, RunRecord, collect, experiment_tables
-from readingrace.report.markdown import cohort_table, demographics_table, fmt_ci, md_table, skips_text
+from readingrace.report.collect import (
+    REPORT_MARK,
+    STRATA_SUFFIX,
+    Collected,
+    RunRecord,
+    collect,
+    experiment_tables,
+    findings_text,
+    install,
+    per_finding_table,
+    staging,
+    write_collected,
+)
+from readingrace.report.markdown import (
+    cohort_table,
+    demographics_table,
+    fmt,
+    fmt_ci,
+    md_table,
+    metrics_table,
+    skips_text,
+)
 
 FAMILIES = {
     "A": ("A: detecting the attribute from images across modalities", "Tables 3-5"),
@@ -31,7 +53,10 @@ FAMILIES = {
     "C2": ("C2: resolution and image quality", "Figure 7, Supplemental Tables 14-15"),
     "C3": ("C3: localisation (Grad-CAM)", "Supplemental Tables 16-18"),
     "C4": ("C4: 3x3 patches", "Tables 7 and 8"),
+    "runs": ("Results", ""),  # runs outside the paper suite (readingrace run / disease / demo)
 }
+#: A run title longer than this (a config's description) is shown once, under the heading, not in it.
+HEADING_TITLE_MAX = 80
 FAMILY_FIGURES = {"C1": ["C1-cutoff", "C1-band"], "C2": ["C2-resolution"], "C4": ["C4-cells"]}
 PACKAGES = ("readingrace", "torch", "monai", "lightning", "numpy", "pandas", "scikit-learn", "scipy", "statsmodels")
 GALLERY_GLOBS = ("gradcam*.png", "gallery*.png", "explain/*.png", "gradcam/*.png")
@@ -217,10 +242,8 @@ def methods_text(runs: list[RunRecord]) -> str:
     weights = sorted({Path(c["model"]["weights"]).name if c["model"].get("weights") else "random initialisation"
                       for c in cfgs})
     aug = pick(lambda c: augmentation_text(c["train"]["augment"]))
-    targets = sorted({r.attribute for r in runs})
-    datasets = sorted({r.dataset for r in runs})
     v = _versions()
-    return (f"We trained {len(runs)} model(s) to predict {', '.join(targets)} from images of {', '.join(datasets)}. "
+    return (f"We trained {len(runs)} model(s) to predict {_trained_for(runs)} from images of {_datasets_text(runs)}. "
             f"Architectures: {', '.join(models)} ({', '.join(weights)}), input {', '.join(sizes)} px, "
             f"augmentation: {'; '.join(aug)}. Patients were split (by patient, stratified by the target) with ratios "
             f"{', '.join(ratios)} and split seed {', '.join(pick(lambda c: c['split']['seed']))}; training seed(s) "
@@ -228,12 +251,39 @@ def methods_text(runs: list[RunRecord]) -> str:
             f"epochs with early stopping on validation loss (patience "
             f"{', '.join(pick(lambda c: c['train']['early_stopping_patience']))}), the best checkpoint tested. "
             f"One-vs-rest ROC-AUC per class on the held-out test split with 95% confidence intervals by "
-            f"patient-clustered bootstrap ({', '.join(boot)} replicates). Software: readingrace {v['readingrace']}, "
+            f"patient-clustered bootstrap ({', '.join(boot)} replicates). "
+            + (("Disease models: per-finding ROC-AUC, and per group the AUC, TPR, FPR and underdiagnosis rate at one "
+                "threshold per finding chosen on the validation split, with patient-clustered bootstrap CIs and "
+                "between-group differences. ") if any(r.kind == "disease" for r in runs) else "")
+            + f"Software: readingrace {v['readingrace']}, "
             f"torch {v['torch']}, MONAI {v['monai']}, Lightning {v['lightning']}, scikit-learn {v['scikit-learn']}."
             + (" Beside each CNN, a reference model (logistic regression on 32x32 thumbnails of the images the CNN "
                "saw, perturbed where the run perturbs them; C chosen on the validation split) shows what coarse "
                "intensity and shape alone give."
                if any(c.get("evaluate", {}).get("reference") for c in cfgs) else ""))
+
+
+def _trained_for(runs: list[RunRecord]) -> str:
+    """What the models were trained to predict: "sex", or "sex (1 model) and the 14 findings and No Finding
+    (1 disease model)"."""
+    counts: dict[str, list[str]] = {}
+    for r in runs:
+        what = findings_text(r) if r.kind == "disease" else r.attribute
+        if what:
+            counts.setdefault(what, []).append(r.kind)
+    if len(counts) <= 1:
+        return next(iter(counts), "their target")
+    return " and ".join(f"{what} ({len(kinds)} {'disease ' if kinds[0] == 'disease' else ''}model"
+                        f"{'s' if len(kinds) > 1 else ''})" for what, kinds in sorted(counts.items()))
+
+
+def _datasets_text(runs: list[RunRecord]) -> str:
+    """The datasets, a generated one said as such: "nih, a generated cohort (synthetic)"."""
+    def name(r: RunRecord) -> str:
+        generated = ((r.config or {}).get("cohort") or {}).get("source") == "synthetic"
+        return f"a generated cohort ({r.dataset})" if generated else r.dataset
+
+    return ", ".join(sorted({name(r) for r in runs}))
 
 
 def augmentation_text(aug: dict[str, Any]) -> str:
@@ -245,31 +295,35 @@ def augmentation_text(aug: dict[str, Any]) -> str:
 
 
 def _cohort_parts(runs: list[RunRecord], out: Path) -> list[tuple[str, str, str]]:
-    """Per dataset (first run): demographics table and exclusion flow figure -> (title, html, md)."""
+    """Per dataset and target (first run; a disease run's cohort apart): demographics table and exclusion flow
+    figure (drawn into ``out``) -> (title, html, md)."""
     from readingrace.cohort.manifest import Manifest
     from readingrace.report.figures import plot_flow
 
     parts, seen = [], set()
     for r in runs:
-        key = (r.dataset, r.attribute)
+        key = (r.dataset, r.attribute, r.kind)
         if key in seen or not (r.run_dir / "cohort.csv").is_file():
             continue
         seen.add(key)
         cohort = pd.read_csv(r.run_dir / "cohort.csv", low_memory=False, dtype={"patient_id": str})
-        target = r.attribute if r.attribute in cohort else r.metrics.get("target", "race")
+        target = r.attribute if r.attribute in cohort else r.metrics.get("target") or \
+            ((r.config or {}).get("cohort") or {}).get("target", "race")
         counts = cohort_table(cohort, target)  # counts only: identifiers are dropped right after
         cohort = cohort.drop(columns=[c for c in ("patient_id", "path", "image_id", "study_id") if c in cohort])
         demo = demographics_table(cohort, target)
         what = "Images (patients) per split and class:"
-        h = [f"<h3>{html.escape(r.dataset)} ({html.escape(target)})</h3>", f"<p>{what}</p>", _html_table(counts)]
-        m = [f"### {r.dataset} ({target})", "", what, "", md_table(counts), ""]
+        head = f"{r.dataset} ({target})" if r.kind != "disease" else \
+            f"{r.dataset} (disease model {r.id}; split stratified by {target})"
+        h = [f"<h3>{html.escape(head)}</h3>", f"<p>{what}</p>", _html_table(counts)]
+        m = [f"### {head}", "", what, "", md_table(counts), ""]
         if not demo.empty:
             h += ["<p>Table 1: characteristics by class (images, % of the class):</p>", _html_table(demo)]
             m += ["Table 1: characteristics by class (images, % of the class):", "", md_table(demo), ""]
         if (r.run_dir / "manifest.json").is_file():
             man = Manifest.read(r.run_dir / "manifest.json")
             flow = man.flow_table()
-            png = out / f"flow-{r.dataset}-{target}.png"
+            png = out / f"flow-{r.dataset}-{target}{'-disease' if r.kind == 'disease' else ''}.png"
             if plot_flow(flow, png, title=f"{r.dataset}: exclusion flow"):
                 h.append(_img_tag(png, f"exclusion flow {r.dataset}"))
                 m += [f"![exclusion flow]({png.name})", ""]
@@ -281,7 +335,7 @@ def _cohort_parts(runs: list[RunRecord], out: Path) -> list[tuple[str, str, str]
                 text = skips_text(man)
                 h.append(f"<p class='note'>{html.escape(text)}</p>")
                 m += [text, ""]
-        parts.append((f"{r.dataset} ({target})", "\n".join(h), "\n".join(m)))
+        parts.append((head, "\n".join(h), "\n".join(m)))
     return parts
 
 
@@ -301,13 +355,14 @@ def _provenance(runs: list[RunRecord]) -> tuple[str, str]:
     return "<pre>" + html.escape("\n".join(lines)) + "</pre>", "```\n" + "\n".join(lines) + "\n```"
 
 
-def _run_figures(runs: list[RunRecord], out: Path) -> tuple[str, str]:
-    """ROC and training curves (and Grad-CAM galleries) of each run, folded."""
+def _run_figures(runs: list[RunRecord], out: Path, dest: Path) -> tuple[str, str]:
+    """ROC and training curves (and Grad-CAM galleries) of each run, folded; links relative to ``out``, figures
+    drawn into ``dest``."""
     h, m = [], []
     for r in runs:
         figs = [(r.run_dir / "roc.png", "ROC curves per class"), (r.run_dir / "curves.png", "training curves")]
         figs = [(p, a) for p, a in figs if p.is_file()]
-        slice_png = _slice_figure(r, out)
+        slice_png = _slice_figure(r, dest)
         if slice_png:
             figs.append((slice_png, "AUC by slice position"))
         if not figs:
@@ -318,33 +373,51 @@ def _run_figures(runs: list[RunRecord], out: Path) -> tuple[str, str]:
                  + "".join(_img_tag(p, f"{a}: {name}") for p, a in figs) + "</details>")
         rel = os.path.relpath(r.run_dir, out)
         m.append(f"- {name}: " + ", ".join(
-            f"[{a}]({p.name})" if p.parent == out else f"[{a}]({rel}/{p.relative_to(r.run_dir)})" for p, a in figs))
+            f"[{a}]({p.name})" if p.parent == dest else f"[{a}]({rel}/{p.relative_to(r.run_dir)})" for p, a in figs))
     return "\n".join(h), "\n".join(m)
 
 
-def write_report(inputs: list[str | Path], *, out: str | Path) -> dict[str, Path]:
-    """Write ``report.html`` (self-contained) and ``report.md`` (+ figures, tables) into ``out``."""
+def write_report(inputs: list[str | Path], *, out: str | Path,
+                 say: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Write ``report.html`` (self-contained) and ``report.md`` (+ figures, tables) into ``out``; a file there
+    that readingrace did not write (e.g. a user's own report.html) is never replaced (RunError). ``say`` is
+    told when planned suite runs have no results yet."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    col: Collected = collect(list(inputs), out=out / "tables")
+    col: Collected = collect(list(inputs))
+    if say and col.pending_note():
+        say(col.pending_note())
+    with staging(out) as dest:
+        write_collected(col, dest / "tables")
+        _write_report(col, [Path(p) for p in inputs], out=out, dest=dest)
+        install(dest, out, what="readingrace report")
+    return {"html": out / "report.html", "markdown": out / "report.md"}
+
+
+def _write_report(col: Collected, inputs: list[Path], *, out: Path, dest: Path) -> None:
+    """The report's files, written into ``dest``; links are relative to ``out``, where they will be installed."""
     tidy = col.tidy
     runs = sorted(col.runs, key=lambda r: (r.family, r.id, r.dataset, point_order(r.point)))
-    roots = [Path(p) for p in inputs if Path(p).is_dir()]
+    roots = [p for p in inputs if p.is_dir()]
     tabular = [(e, root / e["run_dir"]) for e in col.index if e.get("kind") == "confounders"
                and e.get("status") == "done" for root in roots if (root / e["run_dir"] / "confounders.md").is_file()]
     families = sorted({r.family for r in runs} | {e.get("family", "B") for e, _ in tabular}
                       | ({"A"} if col.external else set()))
     tables = experiment_tables(tidy, col.runs) if not tidy.empty else {}
     n_done = f"{len(runs)} finished run(s)" + (f" and {len(tabular)} tabular analysis(es) (no images)" if tabular else "")
-    H = [(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>readingrace report</title>"
-         f"<style>{CSS}</style></head><body>"), "<h1>readingrace report</h1>",
+    H = [(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><meta name='generator' "
+          f"content='{REPORT_MARK}'><title>readingrace report</title><style>{CSS}</style></head><body>"),
+         "<h1>readingrace report</h1>",
          (f"<p>{n_done}; every AUC is given with its 95% confidence interval and links to the "
          "run folder that produced it. Image galleries show pixels: burned-in annotations in the source images "
          "would show too.</p>")]
-    M = ["# readingrace report", "", f"{n_done}; every AUC with its 95% CI.", ""]
+    M = [f"<!-- {REPORT_MARK} -->", "# readingrace report", "", f"{n_done}; every AUC with its 95% CI.", ""]
+    pending = col.pending_note()
+    if pending:  # another shard (or the rest of an interrupted suite) not run yet: the tables are partial
+        H.append(f"<p class='note'><strong>{html.escape(pending)}</strong> See <a href='#not-run'>Not run</a>.</p>")
+        M += [f"**{pending}** See Not run, skipped or failed.", ""]
     H.append("<section id='cohort'><h2>Cohort</h2>")
     M += ["## Cohort", ""]
-    for _, h, m in _cohort_parts(runs, out):
+    for _, h, m in _cohort_parts(runs, dest):
         H.append(h)
         M += [m, ""]
     H.append("</section>")
@@ -360,17 +433,31 @@ def write_report(inputs: list[str | Path], *, out: str | Path) -> dict[str, Path
                 if key not in tables:
                     continue
                 t = tables[key]
-                head = f"{key}: {r0.title}" if r0.title else key
+                short = r0.title and len(r0.title) <= HEADING_TITLE_MAX
+                head = f"{key}: {r0.title}" if short else key
                 links = _run_links(t, tidy, id_, out) if key == id_ else {}
-                H += [f"<h3 id='exp-{html.escape(key.replace(' ', '-'))}'>{html.escape(head)}</h3>",
-                      _html_table(t, links)]
-                M += [f"### {head}", "", md_table(t), ""]
+                H.append(f"<h3 id='exp-{html.escape(key.replace(' ', '-'))}'>{html.escape(head)}</h3>")
+                if r0.title and not short and key == id_:  # a config's description: once, under the heading
+                    H.append(f"<p class='note'>{html.escape(r0.title)}</p>")
+                    M += [f"### {head}", "", r0.title, ""]
+                else:
+                    M += [f"### {head}", ""]
+                H.append(_html_table(t, links))
+                M += [md_table(t), ""]
                 note = baseline_note(runs, id_) if key == id_ else ""
                 if note:
                     H.append(f"<p class='note'>{html.escape(note)}</p>")
                     M += [note, ""]
             for r in (r for r in fam_runs if r.id == id_):
-                png = _slice_figure(r, out)
+                if r.kind == "disease":
+                    h_d, m_d = _disease_block(r, out)
+                    H.append(h_d)
+                    M += [m_d, ""]
+                elif fam == "runs":  # a single run: its per-class numbers at the operating threshold
+                    h_t, m_t = _threshold_block(r)
+                    H.append(h_t)
+                    M += [m_t, ""]
+                png = _slice_figure(r, dest)
                 if png:
                     what = f"{r.id} ({r.dataset}): AUC by slice position"
                     note = ("Slice-wise results: the model's AUC within each tenth of the CT series "
@@ -405,14 +492,15 @@ def write_report(inputs: list[str | Path], *, out: str | Path) -> dict[str, Path
                 H.append(_img_tag(p, fig))
                 M += [f"![{fig}](tables/{p.name})", ""]
         H.append("</section>")
-    failed = [e for e in col.index if e.get("status") not in ("done", "planned")] + col.skipped
+    failed = [e for e in col.index if e.get("status") not in ("done", "planned")] + col.skipped + col.pending
     if failed:
         df = pd.DataFrame([{"experiment": e.get("id"), "dataset": e.get("dataset") or "",
                             "point": e.get("label", ""), "status": e.get("status", "skipped"),
                             "reason": str(e.get("reason", ""))[:300]} for e in failed])
-        H += ["<section id='not-run'><h2>Not run, skipped or failed</h2>", _html_table(df), "</section>"]
-        M += ["## Not run, skipped or failed", "", md_table(df), ""]
-    fh, fm = _run_figures(runs, out)
+        note_h = f"<p class='note'>{html.escape(pending)}</p>" if pending else ""
+        H += ["<section id='not-run'><h2>Not run, skipped or failed</h2>", note_h, _html_table(df), "</section>"]
+        M += ["## Not run, skipped or failed", ""] + ([pending, ""] if pending else []) + [md_table(df), ""]
+    fh, fm = _run_figures(runs, out, dest)
     H += ["<section id='runs'><h2>ROC curves per class and training curves</h2>", fh, "</section>"]
     M += ["## ROC curves and training curves", "", fm, ""]
     methods = methods_text(runs)
@@ -420,9 +508,8 @@ def write_report(inputs: list[str | Path], *, out: str | Path) -> dict[str, Path
     H += ["<section id='methods'><h2>Methods</h2>", f"<p>{html.escape(methods)}</p></section>",
           "<section id='provenance'><h2>Provenance</h2>", ph, "</section></body></html>"]
     M += ["## Methods", "", methods, "", "## Provenance", "", pm, ""]
-    write_atomic(out / "report.html", "\n".join(H))
-    write_atomic(out / "report.md", re.sub(r"\n{3,}", "\n\n", "\n".join(M)).rstrip("\n") + "\n")  # one blank line
-    return {"html": out / "report.html", "markdown": out / "report.md"}
+    write_atomic(dest / "report.html", "\n".join(H))
+    write_atomic(dest / "report.md", re.sub(r"\n{3,}", "\n\n", "\n".join(M)).rstrip("\n") + "\n")  # one blank line
 
 
 def _external_section(col: Collected, out: Path) -> tuple[str, str]:
@@ -506,6 +593,85 @@ def _galleries(run: RunRecord, out: Path) -> tuple[str, str]:
     h += [f"<figure>{_img_tag(p, a)}<figcaption class='note'>{html.escape(a)}</figcaption></figure>" for p, a in figs]
     m = [f"#### {head}", "", note, ""] + [f"- [{a}]({rel}/{p.relative_to(run.run_dir)})" for p, a in figs]
     return "\n".join(h), "\n".join(m)
+
+
+def _threshold_block(run: RunRecord) -> tuple[str, str]:
+    """A single run's per-class AUC, sensitivity and specificity at its operating threshold (with CIs)."""
+    if not run.metrics.get("per_class"):
+        return "", ""
+    table = metrics_table({"per_class": {c: {"n_positive": m.get("n_positive"), "n_negative": m.get("n_negative"),
+                                             "auc": m.get("auc"), "auc_ci": m.get("auc_ci"),
+                                             "sensitivity": m.get("sensitivity"),
+                                             "sensitivity_ci": m.get("sensitivity_ci"),
+                                             "specificity": m.get("specificity"),
+                                             "specificity_ci": m.get("specificity_ci")}
+                                         for c, m in run.metrics["per_class"].items()},
+                           "macro_auc": run.metrics.get("macro_auc"), "macro_auc_ci": run.metrics.get("macro_auc_ci")})
+    table["class"] = table["class"].str.replace("**", "", regex=False)
+    rule = run.metrics.get("threshold")
+    head = f"{run.id} ({run.dataset}): per class at the operating threshold"
+    note = ("Sensitivity and specificity of each class, one-vs-rest, at the operating threshold"
+            + (f" (an image is called the class when its predicted probability is >= {rule:g})"
+               if isinstance(rule, (int, float)) else "") + ", with 95% CIs.")
+    return (f"<h4>{html.escape(head)}</h4><p class='note'>{html.escape(note)}</p>{_html_table(table)}",
+            "\n".join([f"#### {head}", "", note, "", md_table(table), ""]))
+
+
+def _disease_block(run: RunRecord, out: Path) -> tuple[str, str]:
+    """A disease run (`readingrace disease`): per-finding AUCs with the mean, then its per-group tables (AUC,
+    TPR, FPR, underdiagnosis, differences) from its metrics.json, folded like A3's pathology block."""
+    m = run.metrics
+    rel = os.path.relpath(run.run_dir, out)
+    target = ((run.config or {}).get("cohort") or {}).get("target", "")
+    table = per_finding_table(run)
+    n_auc = sum(1 for f in m.get("per_finding") or [] if f.get("auc") is not None)
+    head = f"{run.id}: disease model, {findings_text(run)} ({run.dataset})"
+    note = (f"Multi-label model {m.get('model', '?')} at {m.get('image_size', '?')} px (split stratified by "
+            f"{target or '?'}); test AUC per label, mean over the {n_auc} label(s) with positives and negatives: "
+            f"{fmt(m.get('mean_auc'))}. Operating threshold: {m.get('threshold_source', '?')}.")
+    hs = [f"<h3 id='exp-{html.escape(run.id.replace(' ', '-'))}'>{html.escape(head)}</h3>",
+          f"<p class='note'>{html.escape(run.title)}</p>" if run.title else "",
+          f"<p class='note'>{html.escape(note)} <a href=\"{html.escape(rel)}\">run folder</a> "
+          f"(<a href=\"{html.escape(rel)}/report.md\">report.md</a>)</p>", _html_table(table)]
+    ms = [f"### {head}", "", *([run.title, ""] if run.title else []), note, "", f"[run folder]({rel})", "",
+          md_table(table), ""]
+    sub = _subgroups_text(m.get("subgroups"))
+    if sub:
+        what = f"{run.id} ({run.dataset}): performance by group"
+        figs = [run.run_dir / p for k, p in (m.get("files") or {}).items()
+                if k.startswith("figure:") and (run.run_dir / p).is_file()]
+        hs += [f"<h4>{html.escape(what)}</h4>",
+               "<details><summary>per finding and group (AUC, TPR, FPR, underdiagnosis, differences)</summary>"
+               + markdown_blocks_html(sub, heading="h5") + "".join(_img_tag(p, p.stem) for p in figs)
+               + "</details>"]
+        ms += [f"#### {what}", "", sub, ""]
+        ms += [f"- [{p.stem}]({rel}/{p.relative_to(run.run_dir)})" for p in figs] + [""]
+    return "\n".join(hs), "\n".join(ms)
+
+
+def _subgroups_text(d: dict[str, Any] | None) -> str:
+    """The subgroup tables (Markdown, ``stats.subgroups.subgroups_markdown``) from their JSON form."""
+    from readingrace.stats.subgroups import SubgroupResult, subgroups_markdown
+
+    if not d or not d.get("by_group"):
+        return ""
+    num = ("estimate", "ci_low", "ci_high", "difference", "estimate_group", "estimate_reference")
+    frames = {}
+    for key in ("by_group", "differences"):
+        f = pd.DataFrame(d.get(key) or [])
+        for c in (c for c in num if c in f):
+            f[c] = pd.to_numeric(f[c], errors="coerce").astype(float)
+        frames[key] = f
+    if "attribute" not in frames["differences"]:
+        frames["differences"] = pd.DataFrame(columns=["attribute", "difference"])
+    result = SubgroupResult(by_group=frames["by_group"], differences=frames["differences"],
+                            thresholds=d.get("thresholds") or {}, threshold_source=str(d.get("threshold_source", "")),
+                            underdiagnosis=str(d.get("underdiagnosis", "")), references=d.get("references") or {},
+                            findings=tuple(d.get("findings") or []), attributes=tuple(d.get("attributes") or []),
+                            n_images=int(d.get("n_images") or 0), n_patients=int(d.get("n_patients") or 0),
+                            ci={"level": 0.95, "method": "bootstrap", "n_bootstrap": "?", **(d.get("ci") or {})},
+                            notes=tuple(d.get("notes") or ()))
+    return subgroups_markdown(result, heading="#####")
 
 
 def _a3_blocks(run: RunRecord, out: Path) -> tuple[str, str]:
