@@ -114,7 +114,9 @@ def test_rerun_reuses_results_and_foreign_folders_are_refused(finished, tmp_path
     messages: list[str] = []
     again = run_disease(config_from_dict(_config()), out=run_dir, data_root=data, say=messages.append)
     assert again == json.loads((run_dir / "metrics.json").read_text())
-    assert messages == [f"results already in {run_dir} (use --force to redo)"]
+    assert messages[0] == f"results already in {run_dir} (use --force to redo)"
+    rates = [r for r in again["subgroups"]["by_group"] if r["metric"] == "underdiagnosis_rate"]
+    assert len(messages) == 1 + len(rates) and all(m.startswith("underdiagnosis ") for m in messages[1:])
     with pytest.raises(RunError, match="different config"):
         run_disease(config_from_dict(_config(policy="zeros")), out=run_dir, data_root=data, say=lambda s: None)
     other = tmp_path / "a-run"

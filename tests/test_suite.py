@@ -209,7 +209,8 @@ def test_suite_on_nih_plan_when_present():
 def test_cli_suite_dry_run_writes_the_plan(tmp_path, capsys):
     from readingrace.cli import main
 
-    rc = main(["suite", str(PAPER), "--data", "nih=/data/nih", "--budget", "small", "--attribute", "sex",
+    (tmp_path / "nih").mkdir()  # a dry run checks that every --data path exists
+    rc = main(["suite", str(PAPER), "--data", f"nih={tmp_path / 'nih'}", "--budget", "small", "--attribute", "sex",
                "--only", "C4", "--shard", "1/2", "--dry-run", "-o", str(tmp_path)])
     assert rc == 0
     index = json.loads((tmp_path / "plan-1-of-2.json").read_text())
@@ -223,7 +224,7 @@ def test_cli_suite_dry_run_writes_the_plan(tmp_path, capsys):
 def test_dry_run_keeps_the_suite_index_and_marks_finished_runs(tmp_path):
     index = tmp_path / "suite.json"
     index.write_text('{"entries": [{"id": "C4-drop", "status": "done"}]}')
-    kw = dict(data={"nih": "/data/nih"}, out=tmp_path, budget="small", attribute="sex", only=("C4-drop",),
+    kw = dict(data={"nih": str(tmp_path)}, out=tmp_path, budget="small", attribute="sex", only=("C4-drop",),
               say=lambda m: None)
     first = run_suite(PAPER, dry_run=True, **kw)
     done_dir = tmp_path / first["entries"][0]["run_dir"]
@@ -234,6 +235,63 @@ def test_dry_run_keeps_the_suite_index_and_marks_finished_runs(tmp_path):
     assert index.read_text() == '{"entries": [{"id": "C4-drop", "status": "done"}]}'  # untouched
     full = run_suite(PAPER, dry_run=True, **{**kw, "budget": "full"})  # another plan: nothing is done yet
     assert full["counts"] == {"planned": 9} and json.loads((tmp_path / "plan.json").read_text())["budget"] == "full"
+
+
+def test_dry_run_names_a_data_path_that_does_not_exist(tmp_path):
+    from readingrace.experiments.suite import check_data_paths
+
+    with pytest.raises(ConfigError, match=r"--data nih=/nonexist: no such file or folder"):
+        run_suite(PAPER, data={"nih": "/nonexist"}, out=tmp_path, budget="small", attribute="sex", only=("A1",),
+                  dry_run=True, say=lambda m: None)
+    assert not list(tmp_path.iterdir())
+    datasets = {"synthetic": {"source": "synthetic"}, "nih": {"source": "nih"}}
+    check_data_paths({"synthetic": str(tmp_path / "to-generate"), "nih": str(tmp_path)}, datasets)  # no error
+    with pytest.raises(ConfigError, match="synthetic=.*site.yaml: no such file"):
+        check_data_paths({"synthetic": str(tmp_path / "site.yaml")}, datasets)
+
+
+def test_cli_suite_exits_1_when_a_run_failed(tmp_path):
+    """The exit status a SLURM array sees: 1 after the suite finished with a failed run; the final line
+    says how many failed and where the reasons are."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    args = ["suite", "paper", "--data", "nih=/nonexist", "--budget", "small", "--attribute", "sex", "--only", "A1",
+            "-o", str(tmp_path / "out")]
+    proc = subprocess.run([sys.executable, "-m", "readingrace.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("1 failed;") and last.endswith(
+        f"the reasons of the 1 failed run(s) are in {tmp_path / 'out' / 'suite.json'}"), last
+    (entry,) = json.loads((tmp_path / "out" / "suite.json").read_text())["entries"]
+    assert entry["status"] == "failed" and entry["reason"] == "data folder not found: /nonexist"
+    dry = subprocess.run([sys.executable, "-m", "readingrace.cli", *args, "--dry-run"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert dry.returncode == 2 and dry.stderr.strip() == ("error: --data nih=/nonexist: no such file or folder; give "
+                                                          "the nih data folder")
+
+
+def test_ctrl_c_in_training_is_recorded_as_interrupted(tmp_path, monkeypatch):
+    import sys
+
+    import readingrace.experiments.run as run_module
+
+    def lightning_on_ctrl_c(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(1)  # what Lightning's trainer does after its graceful shutdown
+
+    monkeypatch.setattr(run_module, "run_experiment", lightning_on_ctrl_c)
+    (tmp_path / "nih").mkdir()
+    with pytest.raises(SystemExit):
+        run_suite(PAPER, data={"nih": str(tmp_path / "nih")}, out=tmp_path / "out", budget="small", attribute="sex",
+                  only=("A1",), say=lambda m: None)
+    (entry,) = json.loads((tmp_path / "out" / "suite.json").read_text())["entries"]
+    assert entry["status"] == "interrupted" and "rerun the same command" in entry["reason"]
 
 
 # -- A1-ext: external validation cells ----------------------------------------------------------------

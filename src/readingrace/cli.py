@@ -141,16 +141,29 @@ def suite(suite_dir: Annotated[str, typer.Argument(help="suite name under config
           dry_run: Annotated[bool, typer.Option("--dry-run", help="list the plan, run nothing")] = False,
           set_: Sets = None) -> None:
     """Expand the paper's experiments into content-addressed runs and run them (done runs are reused)."""
-    from readingrace.experiments.suite import _read_side, parse_data, parse_shard, resolve_suite_dir, run_suite
+    from readingrace.experiments.suite import (
+        _read_side,
+        index_name,
+        parse_data,
+        parse_shard,
+        resolve_suite_dir,
+        run_suite,
+    )
 
     folder = resolve_suite_dir(suite_dir)
     datasets = parse_data(data or [], _read_side(folder, "_datasets.yaml"))
-    index = run_suite(folder, data=datasets, out=out or Path("runs") / f"suite-{Path(folder).name}", budget=budget,
-                      attribute=attribute, only=tuple(only or ()), shard_=parse_shard(shard),
-                      overrides=_overrides(set_), dry_run=dry_run, say=_say)
+    out_dir = out or Path("runs") / f"suite-{Path(folder).name}"
+    shard_ = parse_shard(shard)
+    index = run_suite(folder, data=datasets, out=out_dir, budget=budget, attribute=attribute,
+                      only=tuple(only or ()), shard_=shard_, overrides=_overrides(set_), dry_run=dry_run, say=_say)
     counts = ", ".join(f"{n} {status}" for status, n in sorted(index.get("counts", {}).items())) or "no runs"
+    failed = index.get("counts", {}).get("failed", 0)
+    reasons = f"; the reasons of the {failed} failed run(s) are in {out_dir / index_name(shard_)}"
     typer.echo(f"{counts}; {len(index['skipped'])} experiment(s) or point(s) skipped by the plan"
-               + (" (dry run: nothing trained; plan written, suite index untouched)" if dry_run else ""))
+               + (" (dry run: nothing trained; plan written, suite index untouched)" if dry_run else "")
+               + (reasons if failed else ""))
+    if failed:
+        raise typer.Exit(1)  # after every other run: a SLURM array shows the shard as failed
 
 
 @app.command()
@@ -163,6 +176,8 @@ def collect(suites: Annotated[list[Path], typer.Argument(help="suite output fold
     cells = sum(len(c) for c in result.external.values())
     extra = f" and {cells} external-validation cell(s) in {len(result.external)} matrix(es)" if cells else ""
     typer.echo(f"{len(result.runs)} run(s){extra} collected -> {result.out}")
+    if result.pending_note():
+        typer.echo(result.pending_note())
 
 
 @app.command()
@@ -171,7 +186,7 @@ def report(inputs: Annotated[list[Path], typer.Argument(help="run folder(s) and/
     """A self-contained HTML report (figures embedded) and its Markdown twin."""
     from readingrace.report.html import write_report
 
-    paths = write_report(inputs, out=out)
+    paths = write_report(inputs, out=out, say=typer.echo)
     typer.echo(f"wrote {paths['html']} and {paths['markdown']}")
 
 
@@ -184,13 +199,14 @@ def predict(run_dir: Annotated[Path, typer.Argument(help="a finished run folder 
                                                                "the aspect ratio); default: the run's image.mode")] = None,
             set_: Sets = None) -> None:
     """External validation of one pair: apply a trained run, with its own preprocessing, to all images of
-    another cohort (every ordered pair at once: `readingrace external`)."""
-    from readingrace.config import load_config
-    from readingrace.experiments.external import predict_run
+    another cohort (every ordered pair at once: `readingrace external`). Its images the model trained or
+    validated on, and their patients, are left out; a config without cohort.target gets the model's."""
+    from readingrace.experiments.external import cohort_from_config, predict_run, read_test_config
 
-    other = load_config(data, overrides=_overrides(set_))
+    other, names_target = read_test_config(data, overrides=_overrides(set_))
     out_dir = out or run_dir / "external" / other.name
-    metrics = predict_run(run_dir, other, out=out_dir, data_root=data_root, mode=mode, say=_say)
+    cohort = cohort_from_config(other, data_root=data_root, follow_model_target=not names_target)
+    metrics = predict_run(run_dir, cohort, out=out_dir, mode=mode, say=_say)
     _print_summary(metrics)
     _say(f"wrote {out_dir}")
 
@@ -204,22 +220,26 @@ def probe(cohort_config: Annotated[Path, typer.Option("--cohort", help="experime
           arch: Annotated[Optional[str], typer.Option(help="architecture of a bare state dict")] = None,
           target: Annotated[Optional[list[str]], typer.Option(help="attribute to probe (repeatable; default: the config's)")] = None,
           direct: Annotated[Optional[Path], typer.Option(help="predictions.csv of a model trained directly for the target")] = None,
+          exclude_patients: Annotated[Optional[Path], typer.Option(
+              help="CSV with a patient_id column: patients the model trained on, left out of the probe "
+                   "(a readingrace run checkpoint needs none: its run's split is used)")] = None,
           data_root: DataRoot = None, out: Out = None,
           n_bootstrap: Annotated[int, typer.Option(help="bootstrap replicates")] = 1000) -> None:
     """Audit a model: does it encode race / sex / age? Linear and logistic probes on frozen features."""
     from readingrace.config import load_config
     from readingrace.experiments.run import prepare
-    from readingrace.probe import run_audit
+    from readingrace.probe import read_patient_list, run_audit
 
     cfg = load_config(cohort_config)
     targets = list(target or [cfg.cohort.target])
     if direct is not None and len(targets) != 1:
         raise ConfigError("--direct compares with one target: give exactly one --target")
+    excluded = read_patient_list(exclude_patients) if exclude_patients is not None else None
     prep = prepare(cfg, data_root=data_root, say=_say)
     out_dir = out or Path("runs") / cfg.name / "probe"
     run_audit(images=prep.images, cohort=prep.cohort, out_dir=out_dir, targets=targets, model=model, layer=layer,
               arch=arch, features=features, direct_predictions={targets[0]: direct} if direct else None,
-              n_bootstrap=n_bootstrap, seed=cfg.split.seed, say=_say)
+              n_bootstrap=n_bootstrap, seed=cfg.split.seed, exclude_patients=excluded, say=_say)
     _say(f"wrote {out_dir}")
 
 
@@ -250,15 +270,16 @@ def external(runs: Annotated[Optional[list[str]], typer.Option("--run", help="NA
              out: Annotated[Path, typer.Option("--out", "-o", help="output folder of the matrix and its cells")]
              = Path("runs") / "external") -> None:
     """External validation (paper Table 4): every trained run tested on every cohort, as one matrix."""
-    from readingrace.config import load_config
-    from readingrace.experiments.external import external_validation, parse_named
+    from readingrace.experiments.external import external_validation, parse_named, read_test_config
 
     run_dirs = parse_named(runs or [], "--run")
     if not run_dirs:
         raise ConfigError("give at least one --run NAME=RUN_DIR (a finished `readingrace run` folder)")
-    configs = {name: load_config(path) for name, path in parse_named(data or [], "--data").items()}
-    result = external_validation(run_dirs, configs, out=out, mode=mode,
-                                 data_roots=parse_named(data_roots or [], "--data-root"), say=_say)
+    loaded = {name: read_test_config(path) for name, path in parse_named(data or [], "--data").items()}
+    result = external_validation(run_dirs, {name: cfg for name, (cfg, _) in loaded.items()}, out=out, mode=mode,
+                                 data_roots=parse_named(data_roots or [], "--data-root"),
+                                 follow_model_target=[name for name, (_, named) in loaded.items() if not named],
+                                 say=_say)
     typer.echo((out / "matrix.md").read_text())
     _say(f"{len(result['cells'])} cell(s) in {result['seconds']:.0f} s -> {out}")
 
@@ -365,14 +386,19 @@ def _print_summary(metrics: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning the project's errors into one-line messages."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    interrupted = 130  # exit status after Ctrl-C (128 + SIGINT, as a shell reports it)
     try:
-        app(args=argv, standalone_mode=False)
+        # a command's exit status comes back as the return value (typer turns Ctrl-C into 130)
+        rc = app(args=argv, standalone_mode=False)
     except ReadingRaceError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
     except KeyboardInterrupt:
-        typer.echo("interrupted; rerun the same command to resume", err=True)
-        return 130
+        rc = interrupted
+    except SystemExit as exc:
+        if not isinstance(exc.__context__, KeyboardInterrupt):
+            raise
+        rc = interrupted  # Lightning answers Ctrl-C during training with sys.exit(1)
     except typer.Abort:
         return 1
     except Exception as exc:
@@ -381,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
             exc.show()
             return exc.exit_code
         raise
-    return 0
+    if rc == interrupted:
+        typer.echo("interrupted; run the same command again to resume from the last completed epoch", err=True)
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

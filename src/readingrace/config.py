@@ -255,6 +255,9 @@ def cache_home() -> Path:
 
 SIZES_OK = ("stretch", "pad")
 PRECISIONS = ("auto", "32", "bf16")
+#: ``model.name`` values: the networks of :data:`readingrace.models.ARCHITECTURES` (listed here so that a
+#: config is checked without importing torch; a test keeps the two in step).
+MODEL_NAMES = ("densenet121", "efficientnet-b0", "efficientnet-b2", "resnet-tiny", "resnet18", "resnet34", "resnet50")
 
 
 def _check(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -266,6 +269,8 @@ def _check(cfg: ExperimentConfig) -> ExperimentConfig:
         check_ratios(cfg.split.ratios)
     except SplitError as exc:
         raise ConfigError(f"split.ratios: {exc}") from None
+    if cfg.model.name not in MODEL_NAMES:
+        raise ConfigError(f"model.name {cfg.model.name!r} is not known; choose one of {list(MODEL_NAMES)}")
     if cfg.image.mode not in SIZES_OK:
         raise ConfigError(f"image.mode must be one of {list(SIZES_OK)}, got {cfg.image.mode!r}")
     if cfg.image.size < 4:

@@ -106,3 +106,14 @@ def test_unknown_model_name(cli, tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="model.name 'resnet9000' is not known"):
         build_model("resnet9000", 3)
+
+
+def test_unknown_model_name_in_the_config_fails_before_anything_is_written(cli, tmp_path: Path) -> None:
+    from readingrace.config import MODEL_NAMES
+    from readingrace.models import ARCHITECTURES
+
+    ds = make_dataset(tmp_path, config=csv_config(model={"name": "resnet19"}))
+    res = cli("run", ds.config, "--data-root", ds.root, "--out", tmp_path / "out")
+    msg = assert_user_error(res, "model.name 'resnet19' is not known", "'resnet18'", "'resnet-tiny'")
+    assert "training" not in res.err and not (tmp_path / "out").exists()
+    assert str(sorted(ARCHITECTURES)) in msg and sorted(MODEL_NAMES) == sorted(ARCHITECTURES)

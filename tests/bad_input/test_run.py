@@ -76,6 +76,7 @@ def test_folder_of_a_different_config(cli, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.yaml").write_text("fingerprint: 0123456789abcdef\nname: other\n")
+    (out / "metrics.json").write_text("{}")  # with a result (a folder without one is taken over)
     assert_user_error(run_cmd(cli, ds, out), str(out), "different config", "--force")
 
 
@@ -91,6 +92,22 @@ def test_folder_of_the_users_own_files_is_refused_untouched(cli, tmp_path: Path,
                       theirs[0], "--out")
     assert sorted(p.name for p in out.iterdir()) == sorted(theirs)
     assert all((out / name).read_text() == "my own notes\n" for name in theirs)
+
+
+def test_failed_start_leaves_nothing_and_a_failed_attempt_is_taken_over(cli, tmp_path: Path) -> None:
+    ds = make_dataset(tmp_path)
+    out = tmp_path / "out"
+    assert_user_error(cli("run", ds.config, "--data-root", tmp_path / "nowhere", "--out", out), "data folder not found")
+    assert not out.exists()
+    # an attempt that failed after writing its config.yaml (no checkpoint, predictions or metrics)
+    bad = write_config(tmp_path / "bad.yaml", csv_config(evaluate={"strata": ["scanner"]}))
+    assert_user_error(cli("run", bad, "--data-root", ds.root, "--out", out), "['scanner'] are not cohort columns")
+    assert (out / "config.yaml").exists() and not (out / ".lock").exists()
+    res = run_cmd(cli, ds, out)
+    assert res.code == 0, res.err
+    notices = [line for line in res.err.splitlines() if "unfinished attempt" in line]
+    assert len(notices) == 1 and notices[0].startswith(f"{out}: replacing the files of an unfinished attempt")
+    assert (out / "metrics.json").exists() and not (out / ".lock").exists()
 
 
 def test_folder_in_use_by_another_process(cli, tmp_path: Path) -> None:

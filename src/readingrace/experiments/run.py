@@ -69,9 +69,7 @@ def prepare(cfg: ExperimentConfig, *, data_root: str | Path | None, say: Callabl
     if len(cfg.split.ratios) != 3:
         raise SplitError(f"split.ratios {cfg.split.ratios}: a run needs three parts (train, validation, test), "
                          "e.g. [0.6, 0.1, 0.3]")
-    root = data_root or cfg.cohort.data_root
-    if root is not None and not Path(root).exists() and cfg.cohort.source != "synthetic":
-        raise CohortError(f"data folder not found: {root}")
+    root = check_data_root(cfg, data_root)
     cohort, manifest = build_cohort(cfg.cohort, data_root=root)
     say(f"cohort: {len(cohort)} images of {cohort['patient_id'].nunique()} patients")
     t0 = time.perf_counter()
@@ -106,13 +104,29 @@ def prepare(cfg: ExperimentConfig, *, data_root: str | Path | None, say: Callabl
                     classes=classes, labels=labels)
 
 
-def _check_run_dir(run_dir: Path, cfg: ExperimentConfig, force: bool) -> dict | None:
-    """Existing results for the same config (or None); refuse to mix configs in one folder."""
+def check_data_root(cfg: ExperimentConfig, data_root: str | Path | None) -> str | Path | None:
+    """The data folder of the run (``--data-root`` or ``cohort.data_root``); an error when it does not exist."""
+    root = data_root or cfg.cohort.data_root
+    if root is not None and not Path(root).exists() and cfg.cohort.source != "synthetic":
+        raise CohortError(f"data folder not found: {root}")
+    return root
+
+
+def _check_run_dir(run_dir: Path, cfg: ExperimentConfig, force: bool,
+                   say: Callable[[str], None] = print) -> dict | None:
+    """Existing results for the same config (or None); refuse to mix configs in one folder.
+
+    A folder whose earlier attempt (of another config) never produced a result is taken over, with a notice.
+    """
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         return None
     old = yaml.safe_load(cfg_path.read_text()) or {}
     same = old.get("fingerprint") == cfg.fingerprint()
+    if not same and not force and not has_results(run_dir):
+        say(f"{run_dir}: replacing the files of an unfinished attempt of another config (fingerprint "
+            f"{old.get('fingerprint')}; it produced no checkpoint, predictions or metrics)")
+        force = True
     if force:
         for name in RUN_OUTPUTS:
             (run_dir / name).unlink(missing_ok=True)
@@ -125,6 +139,13 @@ def _check_run_dir(run_dir: Path, cfg: ExperimentConfig, force: bool) -> dict | 
                        f"this one {cfg.fingerprint()}); use --out for a new folder or --force to replace it")
     metrics = run_dir / "metrics.json"
     return json.loads(metrics.read_text()) if metrics.exists() else None
+
+
+def has_results(run_dir: Path) -> bool:
+    """Whether a run folder holds any result: a checkpoint, predictions or metrics (its own or a seed's)."""
+    patterns = ("metrics.json", "*predictions*.csv", "seed-*/metrics.json", "seed-*/*predictions*.csv",
+                "seed-*/train_result.json", "seed-*/checkpoints/*.ckpt")
+    return any(next(run_dir.glob(pattern), None) is not None for pattern in patterns)
 
 
 def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data_root: str | Path | None = None,
@@ -150,8 +171,9 @@ def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data
                         cfg=cfg.train, seed=seed, out_dir=run_dir / f"seed-{seed}", weights=cfg.model.weights,
                         perturb=cfg.perturb.train)
         return {}
+    check_data_root(cfg, data_root)  # before the run folder is touched
     with RunLock(run_dir):
-        existing = _check_run_dir(run_dir, cfg, force)
+        existing = _check_run_dir(run_dir, cfg, force, say)
         if existing is not None:
             say(f"results already in {run_dir} (use --force to redo)")
             return existing
@@ -180,10 +202,11 @@ def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data
             seed_dir = run_dir / f"seed-{seed}"
             say(f"training {cfg.model.name} (seed {seed}, {len(tr)} train / {len(va)} val images, "
                 f"{cfg.image.size} px)")
-            result = train_model(images=prep.images, labels=_labels_for(prep), train_index=cache_idx[tr],
-                                 val_index=cache_idx[va], n_classes=len(classes), arch=cfg.model.name,
-                                 cfg=cfg.train, seed=seed, out_dir=seed_dir, weights=cfg.model.weights,
-                                 progress=progress, perturb=cfg.perturb.train)
+            with _TrainingAttempt(seed_dir, seed, say=say):
+                result = train_model(images=prep.images, labels=_labels_for(prep), train_index=cache_idx[tr],
+                                     val_index=cache_idx[va], n_classes=len(classes), arch=cfg.model.name,
+                                     cfg=cfg.train, seed=seed, out_dir=seed_dir, weights=cfg.model.weights,
+                                     progress=progress, perturb=cfg.perturb.train)
             model = load_classifier(seed_dir / result.best_checkpoint)
             probs = predict_proba(model, prep.images, cache_idx[te], batch_size=max(cfg.train.batch_size, 64))
             pred = predictions_table(test_rows, probs, classes, target=target, extra=strata)
@@ -206,7 +229,7 @@ def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data
             if first_pred is None:
                 first_pred = pred
             say(f"seed {seed}: test macro AUC {fmt_ci(m['macro_auc'], m['macro_auc_ci'])} "
-                f"({result.epochs} epochs, {result.seconds:.0f} s)")
+                f"({result.epochs} epochs, {training_time(seed_dir, result.seconds)})")
         metrics = dict(per_seed[str(cfg.train.seeds[0])])
         write_atomic(run_dir / "predictions.csv", first_pred.to_csv(index=False))
         aucs = [per_seed[s]["macro_auc"] for s in per_seed]
@@ -239,6 +262,83 @@ def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data
         write_run_report(run_dir, cfg=cfg, cohort=cohort, manifest=prep.manifest, metrics=metrics)
         say(f"wrote {run_dir / 'report.md'}")
         return metrics
+
+
+#: Per seed folder: one entry per training attempt, its wall seconds (None while running) and outcome.
+ATTEMPTS_FILE = "attempts.json"
+
+
+class _TrainingAttempt:
+    """Around one seed's training: say where a resumed attempt starts, record each attempt's time, and turn
+    Lightning's exit on Ctrl-C (``sys.exit(1)`` raised while handling the KeyboardInterrupt) back into a
+    KeyboardInterrupt, so callers (the CLI, the suite) see an interruption, not an exit status 1."""
+
+    def __init__(self, seed_dir: Path, seed: int, *, say: Callable[[str], None]):
+        self.seed_dir, self.seed, self.say = Path(seed_dir), seed, say
+        self.active = False
+
+    def __enter__(self) -> _TrainingAttempt:
+        if (self.seed_dir / "train_result.json").exists():
+            return self  # trained by an earlier attempt: nothing runs now
+        done = completed_epochs(self.seed_dir)
+        if done is not None:
+            self.say(f"resuming seed {self.seed} from epoch {done}")
+        self.active = True
+        self.t0 = time.perf_counter()
+        self._record(None, "running")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.active:
+            interrupted = exc_type is KeyboardInterrupt or (
+                exc_type is SystemExit and isinstance(exc.__context__, KeyboardInterrupt))
+            outcome = "finished" if exc_type is None else "interrupted" if interrupted else "failed"
+            self._record(round(time.perf_counter() - self.t0, 1), outcome)
+        if exc_type is SystemExit and isinstance(exc.__context__, KeyboardInterrupt):
+            import signal
+
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning leaves Ctrl-C ignored
+            raise KeyboardInterrupt from None
+
+    def _record(self, seconds: float | None, outcome: str) -> None:
+        attempts = _read_attempts(self.seed_dir)
+        if attempts and attempts[-1].get("outcome") == "running" and outcome != "running":
+            attempts[-1] = {"seconds": seconds, "outcome": outcome}
+        else:
+            attempts.append({"seconds": seconds, "outcome": outcome})
+        self.seed_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.seed_dir / ATTEMPTS_FILE, attempts)
+
+
+def _read_attempts(seed_dir: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads((Path(seed_dir) / ATTEMPTS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return data if isinstance(data, list) else []
+
+
+def completed_epochs(seed_dir: Path) -> int | None:
+    """Epochs completed by an interrupted attempt (from ``checkpoints/last.ckpt``); None when there is none."""
+    import torch
+
+    last = Path(seed_dir) / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return None
+    try:
+        return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["epoch"]) + 1
+    except Exception:  # noqa: BLE001 - a damaged checkpoint: training reports it when it resumes
+        return None
+
+
+def training_time(seed_dir: Path, seconds: float) -> str:
+    """A seed's training time for the console: all attempts when each was timed, else this attempt's."""
+    attempts = [a for a in _read_attempts(seed_dir) if isinstance(a, dict)]
+    if len(attempts) <= 1:
+        return f"{seconds:.0f} s"
+    if all(isinstance(a.get("seconds"), int | float) for a in attempts):
+        return f"{sum(a['seconds'] for a in attempts):.0f} s in {len(attempts)} attempts"
+    return f"{seconds:.0f} s (this attempt)"
 
 
 def global_rank() -> int:

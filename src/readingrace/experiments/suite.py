@@ -198,6 +198,17 @@ def parse_data(items: Iterable[str], datasets: dict[str, Any]) -> dict[str, str]
     return out
 
 
+def check_data_paths(data: dict[str, str], datasets: dict[str, Any]) -> None:
+    """Every ``--data NAME=PATH`` names an existing file or folder (a generated source may name a folder
+    still to be written)."""
+    for name, path in data.items():
+        generated_into = Path(path).suffix.lower() not in (".yaml", ".yml")
+        if (datasets.get(name) or {}).get("source") == "synthetic" and generated_into:
+            continue
+        if not Path(path).expanduser().exists():
+            raise ConfigError(f"--data {name}={path}: no such file or folder; give the {name} data folder")
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """``"2/4"`` -> (2, 4); shards are numbered 1..n."""
     if not text:
@@ -503,6 +514,8 @@ def run_suite(folder: str | Path, *, data: dict[str, str], out: str | Path, budg
     from readingrace.experiments.rundir import write_json
 
     out = Path(out)
+    if dry_run:  # a real run reports a missing data folder per run (failed, with the reason)
+        check_data_paths(data, _read_side(resolve_suite_dir(folder), "_datasets.yaml"))
     plan = expand_suite(folder, data=data, budget=budget, attribute=attribute, only=only, overrides=overrides)
     runs = shard(plan.runs, *shard_) if shard_ else plan.runs
     # external cells read trained runs: after every training run of this call
@@ -543,8 +556,11 @@ def run_suite(folder: str | Path, *, data: dict[str, str], out: str | Path, budg
             else:
                 entry.update(_run_one(r, out, say=say))
                 entry["status"] = "done"
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit) as exc:
+            if isinstance(exc, SystemExit) and not isinstance(exc.__context__, KeyboardInterrupt):
+                raise  # Lightning answers Ctrl-C during training with sys.exit(1): that one is recorded
             entry.update(status="interrupted", reason="interrupted; rerun the same command to resume")
+            out.mkdir(parents=True, exist_ok=True)
             write_json(path, _finish(index, t_suite))
             raise
         except SplitError as exc:

@@ -1,0 +1,188 @@
+"""Run folders a user can trust: locks that leave no file behind, folders of failed starts taken over,
+readingrace's own subfolders, and Ctrl-C (exit status 130, resumed from the last completed epoch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from readingrace.config import config_from_dict
+from readingrace.errors import RunError
+from readingrace.experiments.run import has_results, run_experiment, training_time
+from readingrace.experiments.rundir import LOCK, MARKER, RunLock, refuse_foreign_folder
+
+
+def tiny_config(**evaluate) -> dict:
+    """A generated two-class cohort small enough to train in a second or two."""
+    return {
+        "name": "tiny",
+        "cohort": {"source": "synthetic", "target": "race",
+                   "options": {"n_patients": 60, "images_per_patient": [1, 1], "groups": ["Black", "White"],
+                               "signal": "marker", "size": 32, "seed": 3}},
+        "image": {"size": 16},
+        "model": {"name": "resnet-tiny"},
+        "train": {"batch_size": 16, "max_epochs": 3, "early_stopping_patience": 5, "precision": "32",
+                  "seeds": [2021], "num_threads": 1, "augment": {"flip": False, "rotate": 0, "zoom": 0}},
+        "evaluate": {"n_bootstrap": 20, "reference": False, **evaluate},
+    }
+
+
+# -- the lock ---------------------------------------------------------------------------------------------
+def test_lock_is_exclusive_and_leaves_no_lock_file(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    with RunLock(folder):
+        assert (folder / LOCK).read_text() == f"readingrace pid {os.getpid()}"
+        with pytest.raises(RunError, match=f"in use by readingrace pid {os.getpid()}"):
+            RunLock(folder).__enter__()
+        (folder / "result.txt").write_text("x")
+    assert sorted(p.name for p in folder.iterdir()) == [MARKER, "result.txt"]  # no stale .lock
+    with RunLock(folder):  # and the folder can be taken again
+        pass
+    assert not (folder / LOCK).exists()
+
+
+def test_a_folder_left_empty_keeps_no_marker(tmp_path: Path) -> None:
+    with pytest.raises(ValueError), RunLock(tmp_path / "new"):
+        raise ValueError("failed before writing anything")
+    assert (tmp_path / "new").is_dir() and list((tmp_path / "new").iterdir()) == []
+
+
+def test_lock_of_a_file_removed_meanwhile_is_retaken(tmp_path: Path, monkeypatch) -> None:
+    """The previous holder removes .lock between our open and our flock: we must not hold a removed file."""
+    import fcntl
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / LOCK).write_text("readingrace pid 1")
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_release(fh, op):
+        if not calls:  # the first attempt: its file is removed before our lock takes hold
+            (folder / LOCK).unlink()
+        calls.append(op)
+        return real_flock(fh, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_release)
+    with RunLock(folder) as lock:
+        assert os.fstat(lock._fh.fileno()).st_ino == os.stat(folder / LOCK).st_ino
+        assert len([c for c in calls if c & fcntl.LOCK_EX]) == 2
+
+
+# -- whose folder is it --------------------------------------------------------------------------------------
+def test_subfolders_of_other_commands_are_readingraces(tmp_path: Path) -> None:
+    folder = tmp_path / "nih-sex"
+    for sub in ("probe", "cohort", "external/other", "evaluation", "subgroups", "confounders"):
+        (folder / sub).mkdir(parents=True)
+        (folder / sub / "x.csv").write_text("a\n")
+    refuse_foreign_folder(folder)  # no error
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match=r"holds files that are not from a readingrace run \(notes.txt\)"):
+        refuse_foreign_folder(folder)
+    (folder / "notes.txt").unlink()
+    (folder / "probe.csv").write_text("mine")  # a file, not one of our folders
+    with pytest.raises(RunError, match=r"\(probe.csv\)"):
+        refuse_foreign_folder(folder)
+
+
+def test_run_after_probe_into_its_default_folder(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "tiny"
+    with RunLock(run_dir / "probe"):  # what `readingrace probe` does by default
+        (run_dir / "probe" / "audit.json").write_text("{}")
+    metrics = run_experiment(config_from_dict(tiny_config()), out=run_dir, say=lambda m: None)
+    assert metrics["macro_auc"] is not None and (run_dir / "probe" / "audit.json").read_text() == "{}"
+
+
+# -- failed starts ----------------------------------------------------------------------------------------------
+def test_unfinished_attempt_of_another_config_is_taken_over(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    said: list[str] = []
+    # fails after config.yaml, cohort.csv and manifest.json are written, before any training
+    with pytest.raises(Exception, match="not cohort columns"):
+        run_experiment(config_from_dict(tiny_config(strata=["scanner"])), out=run_dir, say=said.append)
+    assert (run_dir / "config.yaml").exists() and not has_results(run_dir) and not (run_dir / LOCK).exists()
+    fixed = config_from_dict(tiny_config())
+    metrics = run_experiment(fixed, out=run_dir, say=said.append)
+    notice = [m for m in said if "unfinished attempt" in m]
+    assert len(notice) == 1 and "replacing the files" in notice[0]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["fingerprint"] == fixed.fingerprint()
+    assert metrics["run"]["fingerprint"] == fixed.fingerprint() and has_results(run_dir)
+    # a folder with results of another config is still refused, its results kept
+    other = config_from_dict({**tiny_config(), "split": {"ratios": [0.5, 0.2, 0.3], "seed": 1}})
+    with pytest.raises(RunError, match="holds a run of a different config"):
+        run_experiment(other, out=run_dir, say=said.append)
+    assert json.loads((run_dir / "metrics.json").read_text())["run"]["fingerprint"] == fixed.fingerprint()
+
+
+def test_has_results_counts_checkpoints_predictions_and_metrics(tmp_path: Path) -> None:
+    (tmp_path / "seed-1" / "logs").mkdir(parents=True)
+    (tmp_path / "config.yaml").write_text("fingerprint: x\n")
+    (tmp_path / "cohort.csv").write_text("a\n")
+    assert not has_results(tmp_path)
+    (tmp_path / "seed-1" / "checkpoints").mkdir()
+    (tmp_path / "seed-1" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert has_results(tmp_path)
+
+
+def test_training_time_of_all_attempts_or_this_one(tmp_path: Path) -> None:
+    assert training_time(tmp_path, 12.4) == "12 s"
+    (tmp_path / "attempts.json").write_text(json.dumps([{"seconds": 5.0, "outcome": "interrupted"},
+                                                        {"seconds": 12.4, "outcome": "finished"}]))
+    assert training_time(tmp_path, 12.4) == "17 s in 2 attempts"
+    (tmp_path / "attempts.json").write_text(json.dumps([{"seconds": None, "outcome": "running"},  # killed
+                                                        {"seconds": 12.4, "outcome": "finished"}]))
+    assert training_time(tmp_path, 12.4) == "12 s (this attempt)"
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------------------------
+#: The CLI in a real process, with a real SIGINT at the start of the second epoch (as if Ctrl-C was pressed).
+CTRL_C_IN_EPOCH_2 = """
+import os, signal, sys
+from readingrace.train import ImageClassifier
+def on_train_epoch_start(self):
+    if self.current_epoch == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+ImageClassifier.on_train_epoch_start = on_train_epoch_start
+from readingrace.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_during_training_exits_130_and_the_rerun_resumes(tmp_path: Path) -> None:
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config()))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    args = ["run", str(cfg), "--out", str(out)]
+    first = subprocess.run([sys.executable, "-c", CTRL_C_IN_EPOCH_2, *args], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 130, first.stderr
+    assert first.stderr.strip().splitlines()[-1] == ("interrupted; run the same command again to resume from the "
+                                                     "last completed epoch")
+    assert "Traceback" not in first.stderr and not (out / LOCK).exists()
+    assert json.loads((out / "seed-2021" / "attempts.json").read_text())[0]["outcome"] == "interrupted"
+    second = subprocess.run([sys.executable, "-m", "readingrace.cli", *args], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "resuming seed 2021 from epoch 1" in second.stderr
+    summary = next(line for line in second.stderr.splitlines() if line.startswith("seed 2021: test macro AUC"))
+    assert summary.endswith("in 2 attempts)"), summary
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["training"]["resumed_from_epoch"] == 1 and metrics["training"]["epochs"] == 3
+
+
+def test_ctrl_c_outside_training_prints_the_line_and_exits_130(monkeypatch, capsys) -> None:
+    import readingrace.config
+    from readingrace.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(readingrace.config, "load_config", interrupted)
+    assert main(["run", "whatever.yaml"]) == 130
+    assert "interrupted; run the same command again" in capsys.readouterr().err
