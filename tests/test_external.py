@@ -288,6 +288,8 @@ def test_images_and_patients_the_model_trained_on_are_left_out(tmp_path):
     assert m["seen_by_model"] == {"same_image": 30, "same_file": 25, "same_ids_other_file": 5, "same_patient": 10,
                                   "patients": 20, "internal_test_overlap": 10}
     assert m["n_images"] == 40 and m["n_patients"] == 20  # 80 - 30 - 10; the 10 internal test images kept
+    from readingrace.experiments.external import cell_record
+    assert cell_record(m, trained_on="fake", tested_on="x", cell_dir=None, input_mode="stretch")["seen_left_out"] == 40
     pred = pd.read_csv(tmp_path / "x" / "predictions.csv", dtype={"patient_id": str})
     assert not set(pred["patient_id"]) & part(0, 20)
     assert set(pred["patient_id"]) == set(pids[20:])

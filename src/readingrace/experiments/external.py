@@ -370,7 +370,8 @@ def cell_record(metrics: Mapping[str, Any] | None, *, trained_on: str, tested_on
             "per_class_auc": {c: p.get("auc") for c, p in per.items()},
             "per_class_auc_ci": {c: list(p.get("auc_ci") or [None, None]) for c, p in per.items()},
             "n_images": m.get("n_images"), "n_patients": m.get("n_patients"), "input_mode": input_mode,
-            "notes": notes, "cell_dir": None if cell_dir is None else str(cell_dir), "reused": reused}
+            "notes": notes, "cell_dir": None if cell_dir is None else str(cell_dir), "reused": reused,
+            "seen_left_out": sum(int((m.get("seen_by_model") or {}).get(k) or 0) for k in ("same_image", "same_patient"))}
 
 
 def matrix_order(cells: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[str]]:

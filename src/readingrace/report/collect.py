@@ -571,6 +571,21 @@ def _ours(path: Path, rel: str, written: dict[str, str]) -> bool:
     return False
 
 
+def _legacy_output(out: Path) -> bool:
+    """A report or collect folder written before files were recorded: it holds (or sits in) a readingrace
+    report, or its index.csv has collect's header; the files our outputs would replace there are ours."""
+    for folder in (out, out.parent):
+        for name in ("report.html", "report.md"):
+            if (folder / name).is_file() and _ours(folder / name, name, {}):
+                return True
+    index = out / "index.csv"
+    if index.is_file():
+        with open(index, encoding="utf-8", errors="replace") as f:
+            header = f.readline()
+        return {"id", "run_dir", "status"} <= set(header.strip().split(","))
+    return False
+
+
 def install(stage: Path, out: Path, *, what: str) -> list[Path]:
     """Move every file under ``stage`` to the same place under ``out``; refuse (RunError, nothing moved) when
     one would replace a file readingrace did not write there (a user's file, or one changed since)."""
@@ -578,8 +593,9 @@ def install(stage: Path, out: Path, *, what: str) -> list[Path]:
     written = record.get("files") if isinstance(record.get("files"), dict) else {}
     files = sorted(p for p in stage.rglob("*") if p.is_file())
     rels = [p.relative_to(stage).as_posix() for p in files]
-    foreign = [rel for rel in rels
-               if (out / rel).exists() and not ((out / rel).is_file() and _ours(out / rel, rel, written))]
+    legacy = not record and _legacy_output(out)
+    foreign = [rel for rel in rels if (out / rel).exists()
+               and not ((out / rel).is_file() and (legacy or _ours(out / rel, rel, written)))]
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise RunError(f"{out}: {what} would replace {shown}, not written by readingrace (or changed since); "

@@ -283,7 +283,8 @@ def plot_external_matrix(cells: list[dict], path: Path) -> bool:
             vals[i, j] = float(c["macro_auc"])
             lo, hi = (list(c.get("macro_auc_ci") or [None, None]) + [None, None])[:2]
             ci = f"\n[{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
-            text[i][j] = f"{c['macro_auc']:.2f}{ci}" + ("\ninternal" if c.get("internal") else "")
+            text[i][j] = (f"{c['macro_auc']:.2f}{ci}" + ("\ninternal" if c.get("internal") else "")
+                          + (f"\n{c['seen_left_out']} seen left out" if c.get("seen_left_out") else ""))
         else:
             text[i][j] = "n/a" + ("" if c.get("status") == "done" else f"\n({c.get('status')})")
     plt = _plt()

@@ -57,6 +57,15 @@ FAMILIES = {
 }
 #: A run title longer than this (a config's description) is shown once, under the heading, not in it.
 HEADING_TITLE_MAX = 80
+#: What a grid table's point columns mean, by experiment id prefix (said under the table).
+POINT_LEGENDS = {
+    "C1": ("d, d1, d2: radii in pixels of the centred 2-D spectrum at the paper's reference size 224 (strict <); "
+           "a run at another size uses the same cut-off in cycles per pixel (radius x size / 224)."),
+    "C2-resolution": "resolution: pixels per side the images were downsampled to (anti-aliased) before training.",
+    "C4": "row, col: the cell of the 3x3 grid (0, 0 = top left); drop = the cell set to 0, keep = only the cell, "
+          "resized to the full image.",
+}
+
 FAMILY_FIGURES = {"C1": ["C1-cutoff", "C1-band"], "C2": ["C2-resolution"], "C4": ["C4-cells"]}
 PACKAGES = ("readingrace", "torch", "monai", "lightning", "numpy", "pandas", "scikit-learn", "scipy", "statsmodels")
 GALLERY_GLOBS = ("gradcam*.png", "gallery*.png", "explain/*.png", "gradcam/*.png")
@@ -444,7 +453,8 @@ def _write_report(col: Collected, inputs: list[Path], *, out: Path, dest: Path) 
                     M += [f"### {head}", ""]
                 H.append(_html_table(t, links))
                 M += [md_table(t), ""]
-                note = baseline_note(runs, id_) if key == id_ else ""
+                legend = next((v for k, v in POINT_LEGENDS.items() if id_.startswith(k)), "") if key == id_ else ""
+                note = " ".join(x for x in (legend, baseline_note(runs, id_) if key == id_ else "") if x)
                 if note:
                     H.append(f"<p class='note'>{html.escape(note)}</p>")
                     M += [note, ""]
