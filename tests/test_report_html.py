@@ -605,3 +605,15 @@ def test_collect_and_report_say_which_planned_runs_have_no_results_yet(tmp_path,
     assert f"C2-resolution {col.pending[0]['label']} on synthetic" in col.pending_note()
     md = write_report([out], out=tmp_path / "rep")["markdown"].read_text()
     assert f"| C2-resolution | synthetic | {missing[0]} | not run yet |" in md
+
+
+def test_a_cohort_shown_once_when_two_runs_share_images_split_and_exclusions(tmp_path):
+    disease, _ = _disease_run(tmp_path)
+    _run(tmp_path, "nih-sex", 0.8, name="nih-sex")
+    for name in ("cohort.csv", "manifest.json"):  # the disease model trained on the sex model's cohort
+        if (tmp_path / "nih-sex" / name).is_file():
+            shutil.copy(tmp_path / "nih-sex" / name, disease / name)
+    md = write_report([tmp_path / "nih-sex", disease], out=tmp_path / "rep")["markdown"].read_text()
+    cohort = md.split("## Cohort")[1].split("\n## ")[0]
+    assert cohort.count("Images (patients) per split and class:") == 1
+    assert "The same images, split and exclusions as" in cohort

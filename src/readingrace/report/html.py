@@ -309,7 +309,7 @@ def _cohort_parts(runs: list[RunRecord], out: Path) -> list[tuple[str, str, str]
     from readingrace.cohort.manifest import Manifest
     from readingrace.report.figures import plot_flow
 
-    parts, seen = [], set()
+    parts, seen, shown = [], set(), {}  # shown: the tables' content -> the heading they were shown under
     for r in runs:
         key = (r.dataset, r.attribute, r.kind)
         if key in seen or not (r.run_dir / "cohort.csv").is_file():
@@ -324,13 +324,20 @@ def _cohort_parts(runs: list[RunRecord], out: Path) -> list[tuple[str, str, str]
         what = "Images (patients) per split and class:"
         head = f"{r.dataset} ({target})" if r.kind != "disease" else \
             f"{r.dataset} (disease model {r.id}; split stratified by {target})"
+        man = Manifest.read(r.run_dir / "manifest.json") if (r.run_dir / "manifest.json").is_file() else None
+        content = (counts.to_csv(), demo.to_csv(), man.flow_table().to_csv() if man else "")
+        if content in shown:  # e.g. a disease model on the same images and split as a sex model
+            note = f"The same images, split and exclusions as {shown[content]} above."
+            parts.append((head, f"<h3>{html.escape(head)}</h3><p class='note'>{html.escape(note)}</p>",
+                          f"### {head}\n\n{note}\n"))
+            continue
+        shown[content] = head
         h = [f"<h3>{html.escape(head)}</h3>", f"<p>{what}</p>", _html_table(counts)]
         m = [f"### {head}", "", what, "", md_table(counts), ""]
         if not demo.empty:
             h += ["<p>Table 1: characteristics by class (images, % of the class):</p>", _html_table(demo)]
             m += ["Table 1: characteristics by class (images, % of the class):", "", md_table(demo), ""]
-        if (r.run_dir / "manifest.json").is_file():
-            man = Manifest.read(r.run_dir / "manifest.json")
+        if man is not None:
             flow = man.flow_table()
             png = out / f"flow-{r.dataset}-{target}{'-disease' if r.kind == 'disease' else ''}.png"
             if plot_flow(flow, png, title=f"{r.dataset}: exclusion flow"):
