@@ -162,6 +162,24 @@ def test_compare_and_validation_files(tmp_path):
         evaluate_file(tmp_path / "worse.csv", out_dir=out, compare=tmp_path / "base.csv")
 
 
+def test_cli_prints_the_paired_difference_and_warnings_in_one_line(tmp_path, capsys):
+    from readingrace.cli import _one_line_warning, main
+
+    rng = np.random.default_rng(6)
+    base = _table(rng, n_pat=80)
+    worse = base.assign(prob_M=np.clip(base["prob_M"] + rng.normal(scale=0.4, size=len(base)), 0, 1))
+    worse["prob_F"] = 1 - worse["prob_M"]
+    base.to_csv(tmp_path / "base.csv", index=False)
+    worse.to_csv(tmp_path / "worse.csv", index=False)
+    assert main(["evaluate", str(tmp_path / "worse.csv"), "--compare", str(tmp_path / "base.csv"),
+                 "-o", str(tmp_path / "o"), "--n-bootstrap", "50"]) == 0
+    out = capsys.readouterr().out
+    cmp = json.loads((tmp_path / "o" / "comparison.json").read_text())
+    assert f"paired difference, worse.csv - base.csv: macro AUC {cmp['macro_difference']:.3f} [" in out
+    _one_line_warning(UserWarning("class 'M': only 4 positives\n  in the test set"), UserWarning, "x.py", 3)
+    assert capsys.readouterr().err == "WARNING: class 'M': only 4 positives in the test set\n"
+
+
 def test_real_nih_sample_metadata(shared_data):
     """Real ids and clustering: the NIH sample's 909 images of 617 patients, scored by view only."""
     root = shared_data / "nih-cxr14-sample"

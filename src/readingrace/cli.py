@@ -6,8 +6,10 @@ without a traceback, and the command exits with status 2.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Optional
@@ -21,7 +23,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="readingrace: do imaging models read race, sex or age? Reproduce the 'Reading Race' study.")
 
 DataRoot = Annotated[Optional[Path], typer.Option("--data-root", help="folder holding the source's files")]
-Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: runs/<name>)")]
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: runs/<name>, or the config's out)")]
+DemoOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: runs/demo)")]
+CohortOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: runs/<name>/cohort)")]
+EvalOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: evaluation/ beside the "
+                                                                    "predictions file)")]
+ConfoundersOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: "
+                                                                            "runs/<name>/confounders)")]
+PredictOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: "
+                                                                        "RUN_DIR/external/<cohort name>)")]
+ProbeOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: runs/<name>/probe)")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="override a config key: --set train.max_epochs=3")]
 
 
@@ -55,7 +66,7 @@ def run(config: Annotated[Path, typer.Argument(help="experiment YAML")], data_ro
 
 
 @app.command()
-def demo(out: Out = None, force: Annotated[bool, typer.Option(help="redo a finished run")] = False,
+def demo(out: DemoOut = None, force: Annotated[bool, typer.Option(help="redo a finished run")] = False,
          set_: Sets = None) -> None:
     """Run the embedded default: a generated cohort (3 groups, planted texture signal)."""
     from readingrace.config import load_config
@@ -70,7 +81,7 @@ def demo(out: Out = None, force: Annotated[bool, typer.Option(help="redo a finis
 
 @app.command()
 def cohort(config: Annotated[Path, typer.Argument(help="experiment or cohort YAML")], data_root: DataRoot = None,
-           out: Out = None, set_: Sets = None) -> None:
+           out: CohortOut = None, set_: Sets = None) -> None:
     """Build the cohort table and its manifest (no images decoded)."""
     from readingrace.cohort.build import build_cohort
     from readingrace.config import load_config
@@ -88,7 +99,7 @@ def cohort(config: Annotated[Path, typer.Argument(help="experiment or cohort YAM
 
 @app.command()
 def evaluate(predictions: Annotated[Path, typer.Argument(help="predictions.csv or a run folder")],
-             out: Out = None,
+             out: EvalOut = None,
              strata: Annotated[Optional[list[str]], typer.Option("--stratum", help="column to stratify by (repeatable)")] = None,
              study_level: Annotated[bool, typer.Option(help="also aggregate to studies (mean probability)")] = False,
              n_bootstrap: Annotated[int, typer.Option(help="bootstrap replicates")] = 1000,
@@ -105,11 +116,20 @@ def evaluate(predictions: Annotated[Path, typer.Argument(help="predictions.csv o
                             overwrite=overwrite)
     _print_summary(metrics)
     _say(f"wrote {out_dir / 'metrics.json'}")
+    if compare is not None:
+        from readingrace.evaluate import COMPARISON_FILE
+        from readingrace.report.markdown import fmt_ci
+
+        c = json.loads((out_dir / COMPARISON_FILE).read_text())
+        typer.echo(f"paired difference, {predictions.name} - {compare.name}: macro AUC "
+                   f"{fmt_ci(c.get('macro_difference'), c.get('macro_difference_ci'))} "
+                   f"({c.get('n_images')} shared images)")
+        _say(f"wrote {out_dir / COMPARISON_FILE}")
 
 
 @app.command()
 def confounders(config: Annotated[Path, typer.Argument(help="config with cohort: and confounders: sections")],
-                data_root: DataRoot = None, out: Out = None, set_: Sets = None) -> None:
+                data_root: DataRoot = None, out: ConfoundersOut = None, set_: Sets = None) -> None:
     """Tabular confounder analyses (B1 BMI, B2 density, B3 disease labels, chi-square); no images."""
     from readingrace.cohort.build import build_cohort
     from readingrace.config import load_config
@@ -193,7 +213,7 @@ def report(inputs: Annotated[list[Path], typer.Argument(help="run folder(s) and/
 @app.command()
 def predict(run_dir: Annotated[Path, typer.Argument(help="a finished run folder (readingrace run)")],
             data: Annotated[Path, typer.Option("--data", help="config of the other cohort (its cohort: section is used)")],
-            data_root: DataRoot = None, out: Out = None,
+            data_root: DataRoot = None, out: PredictOut = None,
             mode: Annotated[Optional[str], typer.Option(help="bring images to the model's input: stretch (resize to "
                                                                "a square) | pad (zero-pad to a square first, keeping "
                                                                "the aspect ratio); default: the run's image.mode")] = None,
@@ -223,7 +243,7 @@ def probe(cohort_config: Annotated[Path, typer.Option("--cohort", help="experime
           exclude_patients: Annotated[Optional[Path], typer.Option(
               help="CSV with a patient_id column: patients the model trained on, left out of the probe "
                    "(a readingrace run checkpoint needs none: its run's split is used)")] = None,
-          data_root: DataRoot = None, out: Out = None,
+          data_root: DataRoot = None, out: ProbeOut = None,
           n_bootstrap: Annotated[int, typer.Option(help="bootstrap replicates")] = 1000) -> None:
     """Audit a model: does it encode race / sex / age? Linear and logistic probes on frozen features."""
     from readingrace.config import load_config
@@ -386,9 +406,18 @@ def _print_summary(metrics: dict) -> None:
     typer.echo("\n".join(lines))
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: object = None, line: str | None = None) -> None:
+    """Warnings on the console as one line each, like the log messages (no source file or code line)."""
+    text = " ".join(str(message).split())
+    sys.stderr.write(f"WARNING: {text}\n" if issubclass(category, UserWarning)
+                     else f"WARNING: {category.__name__}: {text}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning the project's errors into one-line messages."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    warnings.showwarning = _one_line_warning
     interrupted = 130  # exit status after Ctrl-C (128 + SIGINT, as a shell reports it)
     try:
         # a command's exit status comes back as the return value (typer turns Ctrl-C into 130)
