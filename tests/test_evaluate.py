@@ -176,8 +176,10 @@ def test_cli_prints_the_paired_difference_and_warnings_in_one_line(tmp_path, cap
     out = capsys.readouterr().out
     cmp = json.loads((tmp_path / "o" / "comparison.json").read_text())
     assert f"paired difference, worse.csv - base.csv: macro AUC {cmp['macro_difference']:.3f} [" in out
-    _one_line_warning(UserWarning("class 'M': only 4 positives\n  in the test set"), UserWarning, "x.py", 3)
-    assert capsys.readouterr().err == "WARNING: class 'M': only 4 positives in the test set\n"
+    text = _one_line_warning(UserWarning("class 'M': only 4 positives\n  in the test set"), UserWarning, "x.py", 3)
+    assert text == "WARNING: class 'M': only 4 positives in the test set\n"
+    import warnings
+    assert warnings.formatwarning is not _one_line_warning  # restored after main()
 
 
 def test_real_nih_sample_metadata(shared_data):

@@ -407,17 +407,25 @@ def _print_summary(metrics: dict) -> None:
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                      file: object = None, line: str | None = None) -> None:
-    """Warnings on the console as one line each, like the log messages (no source file or code line)."""
+                      line: str | None = None) -> str:
+    """A warning as the console shows it: one line, like the log messages (no source file or code line).
+    Used as ``warnings.formatwarning``, so tools that record warnings (pytest.warns) still see them."""
     text = " ".join(str(message).split())
-    sys.stderr.write(f"WARNING: {text}\n" if issubclass(category, UserWarning)
-                     else f"WARNING: {category.__name__}: {text}\n")
+    return (f"WARNING: {text}\n" if issubclass(category, UserWarning)
+            else f"WARNING: {category.__name__}: {text}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning the project's errors into one-line messages."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    warnings.showwarning = _one_line_warning
+    previous, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = previous
+
+
+def _main(argv: list[str] | None) -> int:
     interrupted = 130  # exit status after Ctrl-C (128 + SIGINT, as a shell reports it)
     try:
         # a command's exit status comes back as the return value (typer turns Ctrl-C into 130)
