@@ -65,3 +65,29 @@ def test_a_target_column_the_csv_lacks_is_named(tmp_path):
     cfg.target = "sex"
     with pytest.raises(CohortError, match="no image has a 'sex' value: the source has no 'sex' column"):
         build_cohort(cfg, data_root=tmp_path)
+
+
+def test_a_symlinked_image_folder_inside_the_root_is_followed_and_dotdot_refused(tmp_path):
+    """Paths are checked as written (normalised), not after resolving symlinks: images/ may link elsewhere."""
+    elsewhere = tmp_path / "store"
+    elsewhere.mkdir()
+    cfg = make(elsewhere, ["img/a.png,1,White,F", "img/b.png,2,Black,M"])  # the real files
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "images").symlink_to(elsewhere / "img", target_is_directory=True)
+    (root / "cohort.csv").write_text("path,patient_id,race,sex\nimages/a.png,1,White,F\nimages/b.png,2,Black,M\n"
+                                     "images/../../store/img/a.png,3,White,F\n")
+    df, manifest = build_cohort(cfg, data_root=root)
+    assert sorted(df["patient_id"]) == ["1", "2"]
+    assert sorted(df["path"]) == [str(root / "images" / "a.png"), str(root / "images" / "b.png")]
+    assert [s.reason for s in manifest.skipped] == ["path escapes the image root: row 4 of cohort.csv"]
+    step = next(s for s in manifest.flow if s.step == "image file present")
+    assert step.detail == "1 rows skipped: path escapes the image root (1)"
+
+
+def test_a_csv_with_no_image_left_says_why_by_reason(tmp_path):
+    cfg = make(tmp_path, ["../x/a.png,1,White,F", "../x/b.png,2,Black,M", "img/missing.png,3,White,F"])
+    cfg.target = "sex"
+    with pytest.raises(CohortError, match=r"cohort.csv: no image left: 3 rows skipped: path escapes the image root "
+                                          r"\(2\), missing file \(1\); paths are read relative to the image root"):
+        build_cohort(cfg, data_root=tmp_path)

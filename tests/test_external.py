@@ -337,7 +337,7 @@ def test_predict_cli_checks_the_target_and_says_what_it_left_out(tmp_path, capsy
     # no target in the config: the model's is used (the cohort is built for 'group')
     free = tmp_path / "free.yaml"
     free.write_text(yaml.safe_dump(_site_x(tmp_path, n=30, per_patient=1, groups=("A", "B", "D"), target=False)))
-    with pytest.warns(UserWarning, match="class 'C' has no images"):
+    with pytest.warns(UserWarning, match="image level: class 'C' has no images"):
         assert main(["predict", str(run), "--data", str(free), "-o", str(tmp_path / "q")]) == 0
     m = json.loads((tmp_path / "q" / "metrics.json").read_text())
     flow = json.loads((tmp_path / "q" / "manifest.json").read_text())["flow"]
@@ -350,5 +350,37 @@ def test_predict_cli_checks_the_target_and_says_what_it_left_out(tmp_path, capsy
     # an explicit target equal to the model's is accepted as well
     same = tmp_path / "same.yaml"
     same.write_text(yaml.safe_dump(_site_x(tmp_path, n=30, per_patient=1, groups=("A", "B", "D"))))
-    with pytest.warns(UserWarning, match="class 'C' has no images"):
+    with pytest.warns(UserWarning, match="image level: class 'C' has no images"):
         assert main(["predict", str(run), "--data", str(same), "-o", str(tmp_path / "r")]) == 0
+
+
+def test_a_cell_holding_only_the_models_internal_test_images_is_marked(tmp_path):
+    """The model's own cohort as --data: its train images are left out, and the rest are all its internal test
+    images: flagged ``internal_only`` with a note, and matrix.md says so and gives n in every cell."""
+    other = config_from_dict(_site_x(tmp_path, n=20, per_patient=1))
+    table, _ = cohort_from_config(other).load("group")
+    run = _fake_run(tmp_path, ["A", "B"], cohort=table.assign(split=["train", "test"] * 10))
+    said: list[str] = []
+    m = predict_run(run, other, out=tmp_path / "x", trained_on="fake", say=said.append)
+    assert m["internal_only"] is True and m["n_images"] == m["internal_test_images"] == 10
+    assert said[0] == ("site-x: 10 images of 10 patients tested (all images of cohort synthetic: 20 images before "
+                       "leaving out the model's own training and validation images and patients (10))")
+    assert "all 10 remaining test images are fake's own internal test images" in " | ".join(m["notes"])
+    fresh = _site_x(tmp_path, n=15, per_patient=1)
+    fresh["cohort"]["options"]["site"] = "y"
+    result = external_validation({"fake": run}, {"same": other, "fresh": config_from_dict(fresh)},
+                                 out=tmp_path / "m", say=lambda s: None)
+    cells = _cells(result)
+    assert cells[("fake", "same")]["internal_only"] is True and cells[("fake", "same")]["n_images"] == 10
+    assert cells[("fake", "fresh")]["internal_only"] is False and cells[("fake", "fresh")]["n_images"] == 15
+    assert cells[("fake", "fake")]["internal_only"] is False  # the diagonal is internal by definition
+    md = (tmp_path / "m" / "matrix.md").read_text()
+    same, fresh_text = cells[("fake", "same")], cells[("fake", "fresh")]
+    assert f"{same['macro_auc']:.3f} [{same['macro_auc_ci'][0]:.3f}, {same['macro_auc_ci'][1]:.3f}] " \
+           "(internal test of fake), n = 10 |" in md
+    assert f"{fresh_text['macro_auc']:.3f} [" in md and "(internal test of fake), n = 15" not in md
+    assert ", n = 15 |" in md and "- fake -> same: " in md and "all 10 remaining test images are fake's own" in md
+    tidy = pd.read_csv(tmp_path / "m" / "matrix.csv")
+    assert dict(zip(tidy["tested_on"], tidy["internal_only"])) == {"fake": False, "same": True, "fresh": False}
+    index = json.loads((tmp_path / "m" / "external.json").read_text())
+    assert {c["tested_on"]: c["internal_only"] for c in index["cells"]} == {"fake": False, "same": True, "fresh": False}

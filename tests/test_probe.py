@@ -374,6 +374,32 @@ def test_audit_of_a_run_checkpoint_tests_only_on_the_runs_test_patients(tmp_path
     assert sum(v["patients"] for v in entry["split_counts"].values()) == 90   # every patient used, once
 
 
+def test_a_run_split_without_validation_images_of_the_cohort_says_so(tmp_path):
+    """A cohort none of whose images is in the run's validation split: the error gives the counts per split
+    and what to do, not "ratios with 3 parts"."""
+    from readingrace.errors import SplitError
+
+    cohort = _two_target_cohort(40)
+    run_cohort = cohort.assign(split=np.where(cohort["patient_id"] < "p0030", "train", "test"))
+    run_cohort.loc[run_cohort["patient_id"] >= "p0036", "split"] = "val"
+    (tmp_path / "run").mkdir()
+    run_cohort.to_csv(tmp_path / "run" / "cohort.csv", index=False)
+    ckpt = _save_checkpoint(tmp_path / "run" / "seed-2021" / "checkpoints" / "best.ckpt")
+    site = pd.concat([cohort[cohort["patient_id"] < "p0036"],
+                      cohort.head(4).assign(patient_id="x", image_id=lambda d: "x" + d["image_id"])])
+    with pytest.raises(SplitError, match=r"run \(.*run\) has no val image of this cohort: of its images, 60 in the "
+                                         r"run's train, 0 in the run's val, 12 in the run's test, 4 outside the run\. "
+                                         r".*copy the checkpoint out of the run folder"):
+        run_audit(images=_images(len(site), size=32), cohort=site, out_dir=tmp_path / "audit", targets=["sex"],
+                  model=str(ckpt), n_bootstrap=0, say=lambda m: None)
+    report = run_audit(images=_images(len(site), size=32), cohort=site, out_dir=tmp_path / "logistic",
+                       targets=["sex"], model=str(ckpt), probes=("logistic",), n_bootstrap=0, say=lambda m: None)
+    assert report["targets"]["sex"]["split_counts"]["val"]["images"] == 0   # the logistic probe needs no val split
+    with pytest.raises(SplitError, match=r"validation split is empty \(images per split: train 60, val 0, test 12"):
+        run_probe(_features(cohort.head(72), signal=0.0), cohort.head(72), target="sex",
+                  split=run_cohort["split"].head(72), n_bootstrap=0)
+
+
 def test_audit_of_a_users_model_says_its_patients_are_unknown_or_excludes_them(tmp_path):
     from readingrace.probe import read_patient_list
 
@@ -388,13 +414,30 @@ def test_audit_of_a_users_model_says_its_patients_are_unknown_or_excludes_them(t
     pd.DataFrame({"patient_id": [f"p{p:04d}" for p in range(20)] + ["elsewhere"]}).to_csv(tmp_path / "seen.csv",
                                                                                           index=False)
     excluded = read_patient_list(tmp_path / "seen.csv")
+    said: list[str] = []
     report = run_audit(images=images, cohort=cohort, out_dir=tmp_path / "b", targets=["age_group"], model=str(ckpt),
-                       exclude_patients=excluded, probes=("softmax",), n_bootstrap=0, say=lambda m: None)
+                       exclude_patients=excluded, probes=("softmax",), n_bootstrap=0, say=said.append)
     entry = report["targets"]["age_group"]
-    assert report["feature_model_patients"] == "excluded-by-user" and entry["flags"] == []
-    assert entry["excluded_patients"] == {"listed": 21, "in_cohort": 20, "images": 40}
+    assert report["feature_model_patients"] == "excluded-by-user"
+    assert entry["excluded_patients"] == {"listed": 21, "in_cohort": 20, "images": 40, "not_in_cohort": 1,
+                                          "not_in_cohort_examples": ["elsewhere"]}
     assert sum(c["patients"] for c in entry["split_counts"].values()) == 40
-    assert "left out: 20 patient(s), 40 image(s), of the 21" in (tmp_path / "b" / "probe.md").read_text()
+    md = (tmp_path / "b" / "probe.md").read_text()
+    assert "left out: 20 patient(s), 40 image(s), of the 21 patient(s) listed as excluded; 1 listed id(s) match no " \
+           "patient of the cohort (e.g. 'elsewhere')" in md
+    # only some listed ids match: flagged in the report and said on the console
+    assert entry["flags"] == [md.split("**flag**: ")[1].splitlines()[0]]
+    assert entry["flags"][0].startswith("1 of the 21 patient id(s) listed as excluded match no patient")
+    assert "excluded patients: 20 of the 21 listed are in the cohort (40 image(s) left out); 1 match no cohort " \
+           "patient (e.g. 'elsewhere'; cohort ids such as 'p0000')" in said[0]
+    # none matches (the ids written zero-padded, say): an error naming an id from each side, before any work
+    with pytest.raises(CohortError, match=r"none of the 3 patient id\(s\) listed as excluded matches one of the "
+                                          r"cohort's 60 patients \(listed e.g. '00p0000', cohort e.g. 'p0000'\)"):
+        run_audit(images=images, cohort=cohort, out_dir=tmp_path / "c", targets=["age_group"], model=str(ckpt),
+                  exclude_patients={"00p0000", "00p0001", "00p0002"}, n_bootstrap=0, say=lambda m: None)
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(CohortError, match="none of the 1 patient id"):
+        run_probe(_features(cohort, signal=0.0), cohort, target="sex", exclude_patients=["61"], n_bootstrap=0)
     pd.DataFrame({"id": ["p1"]}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(CohortError, match="needs a patient_id column"):
         read_patient_list(tmp_path / "bad.csv")

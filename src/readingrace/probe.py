@@ -246,7 +246,9 @@ def run_probe(
     must be patient-disjoint (:class:`LeakageError` otherwise). ``reid_patients``: the patients a
     re-identification feature model was trained on; ``reid_variant="unseen"`` (default) drops them,
     ``"paper"`` keeps only them (flagged). ``exclude_patients`` (e.g. the patients a user's feature
-    model trained on) are dropped and counted. Rows with a missing target are dropped and counted.
+    model trained on) are dropped and counted; listed ids that match no cohort patient are counted and
+    flagged, and a list matching none is a :class:`CohortError` (:func:`match_patient_list`). Rows with
+    a missing target are dropped and counted.
     """
     from readingrace.stats.metrics import evaluate_predictions
 
@@ -280,10 +282,14 @@ def run_probe(
             df.loc[seen, "patient_id"].nunique())
     if exclude_patients is not None:
         listed = {str(p) for p in exclude_patients}
+        unmatched = match_patient_list(listed, df["patient_id"])
         named = df["patient_id"].astype(str).isin(listed).to_numpy()
         keep &= ~named
         info["excluded_patients"] = {"listed": len(listed), "in_cohort": int(df.loc[named, "patient_id"].nunique()),
-                                     "images": int(named.sum())}
+                                     "images": int(named.sum()), "not_in_cohort": len(unmatched),
+                                     "not_in_cohort_examples": unmatched[:5]}
+        if unmatched:
+            info["flags"].append(unmatched_flag(unmatched, len(listed), df["patient_id"]))
     missing_target = df[target].isna().to_numpy() | (df[target].astype(str).str.strip() == "")
     info["rows_missing_target"] = int((missing_target & keep).sum())
     keep &= ~missing_target
@@ -311,8 +317,12 @@ def run_probe(
     check_no_leakage(df)   # probe splits are patient-disjoint, always
     y = df[target].map({c: i for i, c in enumerate(cls)}).to_numpy()
     tr, va, te = (np.flatnonzero(df["split"].to_numpy() == s) for s in ("train", "val", "test"))
+    sizes = f"images per split: train {len(tr)}, val {len(va)}, test {len(te)}; split: {info['split_source']}"
     if len(te) == 0:
-        raise SplitError("the probe's test split is empty")
+        raise SplitError(f"the probe's test split is empty ({sizes})")
+    if len(va) == 0 and "softmax" in probes:
+        raise SplitError(f"the softmax probe needs validation images for early stopping, but the probe's validation "
+                         f"split is empty ({sizes})")
     absent = [c for c in cls if c not in set(df[target].iloc[tr])]
     if absent:
         raise SplitError(f"class(es) {absent} of {target!r} have no image in the probe's training split")
@@ -428,7 +438,9 @@ def probe_markdown(result: ProbeResult, *, feature_model: str, direct: Mapping[s
     excluded = result.info.get("excluded_patients")
     if excluded:
         lines.append(f"- left out: {excluded['in_cohort']} patient(s), {excluded['images']} image(s), of the "
-                     f"{excluded['listed']} patient(s) listed as excluded")
+                     f"{excluded['listed']} patient(s) listed as excluded"
+                     + (f"; {excluded['not_in_cohort']} listed id(s) match no patient of the cohort (e.g. "
+                        f"{excluded['not_in_cohort_examples'][0]!r})" if excluded.get("not_in_cohort") else ""))
     for warning in next(iter(result.metrics.values())).get("warnings", []):
         lines.append(f"- note: {warning}")
     if "feature_model_patients" in result.info:
@@ -485,6 +497,44 @@ def run_patient_split(run_dir: str | Path, cohort: pd.DataFrame) -> pd.Series:
     return cohort["patient_id"].astype(str).map(dict(zip(table["patient_id"], table["split"])))
 
 
+def match_patient_list(listed: Collection[str], patients: pd.Series) -> list[str]:
+    """The ``listed`` ids that match no id of ``patients`` (sorted). Ids are compared as written, never
+    normalised ("00000061" is not "61"); :class:`CohortError` when none matches, with an id from each side."""
+    listed = {str(p) for p in listed}
+    known = set(patients.astype(str))
+    unmatched = sorted(listed - known)
+    if listed and len(unmatched) == len(listed):
+        raise CohortError(f"none of the {len(listed)} patient id(s) listed as excluded matches one of the cohort's "
+                          f"{len(known)} patients (listed e.g. {unmatched[0]!r}, cohort e.g. "
+                          f"{min(known, default='')!r}): ids are compared as written; write them as the cohort's "
+                          "patient_id column does")
+    return unmatched
+
+
+def unmatched_flag(unmatched: Sequence[str], n_listed: int, patients: pd.Series) -> str:
+    """The report's flag for listed patient ids that match no cohort patient."""
+    return (f"{len(unmatched)} of the {n_listed} patient id(s) listed as excluded match no patient of the probed "
+            f"cohort (e.g. {unmatched[0]!r}; cohort ids such as {min(patients.astype(str))!r}): ids are compared as "
+            "written, so a training patient written differently would stay in the probe")
+
+
+def check_run_split(split: pd.Series, *, n_outside: int, run_dir: Path, need_val: bool) -> None:
+    """:class:`SplitError` when the run's split leaves the probe an empty train, test or (``need_val``,
+    for the softmax probe's early stopping) validation split, with the cohort's images per split."""
+    counts = {s: int((split == s).sum()) for s in SPLITS}
+    empty = [s for s in SPLITS if counts[s] == 0 and (s != "val" or need_val)]
+    if not empty:
+        return
+    raise SplitError(
+        f"the feature model's run ({run_dir}) has no {' or '.join(empty)} image of this cohort: of its images, "
+        + ", ".join(f"{n} in the run's {s}" for s, n in counts.items()) + f", {n_outside} outside the run. The probe "
+        "reuses the run's patient split (train/val/test) so it never tests on patients the model saw, and the "
+        "softmax probe needs validation images for early stopping. Probe a cohort that holds patients of every split "
+        "of the run (e.g. the run's own config), or copy the checkpoint out of the run folder and list the run's "
+        "train and val patients (its cohort.csv) with --exclude-patients: a new patient split is then drawn among "
+        "the others")
+
+
 def read_patient_list(path: str | Path) -> set[str]:
     """Patient ids from a CSV file with a ``patient_id`` column (e.g. a feature model's training patients)."""
     path = Path(path)
@@ -520,13 +570,15 @@ def run_audit(
     Which patients the probe tests on: when ``model`` is a checkpoint inside a readingrace run folder
     (:func:`run_folder_of`), every target uses that run's patient split (probe train/val = the run's
     train/val patients, probe test = its test patients; patients outside the run are left out), so
-    no test patient was seen by the feature model. Otherwise each target gets a new patient split
-    stratified by the target, ``exclude_patients`` (the model's training patients, when the user
-    knows them) are dropped, and without them the report says ``feature_model_patients: unknown``
-    (flagged). Per target: both probes and, when ``direct_predictions[target]`` names a
-    predictions.csv of a model trained directly for it, the paired comparison. Writes
-    ``features.npy`` (+ ids), ``probe-<target>/predictions_<probe>.csv``, ``probe.json`` and
-    ``probe.md``; returns the JSON dict.
+    no test patient was seen by the feature model; a run split that leaves the probe no train, test or
+    (softmax) validation image is a :class:`SplitError` with the counts (:func:`check_run_split`).
+    Otherwise each target gets a new patient split stratified by the target, ``exclude_patients``
+    (the model's training patients, when the user knows them) are dropped (how many match the cohort
+    is said; none matching is an error), and without them the report says
+    ``feature_model_patients: unknown`` (flagged). Per target: both probes and, when
+    ``direct_predictions[target]`` names a predictions.csv of a model trained directly for it, the
+    paired comparison. Writes ``features.npy`` (+ ids), ``probe-<target>/predictions_<probe>.csv``,
+    ``probe.json`` and ``probe.md``; returns the JSON dict.
     """
     from readingrace.features import extract_features, load_saved_features, load_user_model, save_features
     from readingrace.stats.metrics import evaluate_predictions, to_json_dict
@@ -539,6 +591,14 @@ def run_audit(
     refuse_foreign_folder(out)  # before any work; nothing is written until the features exist
     cohort = cohort.reset_index(drop=True)
     ids = cohort["image_id"].astype(str).tolist()
+    if exclude_patients is not None:  # before the features: a list matching nothing is an error
+        exclude_patients = {str(p) for p in exclude_patients}
+        unmatched = match_patient_list(exclude_patients, cohort["patient_id"])
+        named = cohort["patient_id"].astype(str).isin(exclude_patients)
+        say(f"excluded patients: {len(exclude_patients) - len(unmatched)} of the {len(exclude_patients)} listed are "
+            f"in the cohort ({int(named.sum())} image(s) left out)"
+            + (f"; {len(unmatched)} match no cohort patient (e.g. {unmatched[0]!r}; cohort ids such as "
+               f"{min(cohort['patient_id'].astype(str))!r}): ids are compared as written" if unmatched else ""))
     t0 = time.perf_counter()
     if features is not None:
         feats = load_saved_features(features, ids)
@@ -568,6 +628,10 @@ def run_audit(
             split_note += (f"; {len(outside)} image(s) of {outside.nunique()} patient(s) outside that run "
                            "left out")
         probe_cohort, probe_feats, split = cohort[inside].reset_index(drop=True), feats[inside], split[inside]
+        check_run_split(split, n_outside=n_outside, run_dir=run_dir, need_val="softmax" in probes)
+        if exclude_patients is not None and not probe_cohort["patient_id"].astype(str).isin(exclude_patients).any():
+            say("excluded patients: none of them is among the cohort's patients inside the run (already left out)")
+            exclude_patients = None
         patients, patients_note = "run-split", ("none of the probe's test patients was in the feature model's "
                                                 "training or validation split (its run's test patients only)")
     elif exclude_patients is not None:

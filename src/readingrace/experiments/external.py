@@ -11,7 +11,9 @@ Classes are harmonised by name: test images of a class the model never learnt ar
 step of the manifest, and a note), and a model class absent from the other cohort gets NaN with a
 note, never a silent drop. The test cohort must be built for the model's target. Images the model
 trained or validated on (and other images of those patients), found in the run's own ``cohort.csv``,
-are excluded and noted; a cohort with nothing else is refused. A cell folder records its inputs
+are excluded and noted; a cohort with nothing else is refused, and one left with only the model's internal
+test images is flagged ``internal_only``. Byte-identical copies of training images under other paths and
+ids are not recognised (contents are not hashed). A cell folder records its inputs
 (``inputs.json``); the same inputs again reuse it.
 """
 
@@ -197,6 +199,21 @@ def _real_paths(paths: pd.Series) -> pd.Series:
     return paths.astype(str).map(os.path.realpath)
 
 
+def _patient_key(df: pd.DataFrame) -> pd.Series:
+    """Patient ids are compared within a dataset: two hospitals may both have a patient "1"."""
+    ds = df["dataset"].fillna("").astype(str) if "dataset" in df.columns else pd.Series("", index=df.index)
+    return ds + "\x1f" + df["patient_id"].astype(str)
+
+
+def _same_images(cohort: pd.DataFrame, part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Per ``cohort`` row: the same file as a row of ``part`` (resolved path); the same (dataset, patient_id,
+    image_id). Byte-identical copies under other names and ids match neither."""
+    pairs = pd.MultiIndex.from_arrays([_patient_key(cohort), cohort["image_id"].astype(str)])
+    part_pairs = pd.MultiIndex.from_arrays([_patient_key(part), part["image_id"].astype(str)])
+    same_file = _real_paths(cohort["path"]).isin(set(_real_paths(part["path"]))).to_numpy()
+    return same_file, pairs.isin(part_pairs)
+
+
 def exclude_seen(cohort: pd.DataFrame, trained: pd.DataFrame, manifest: Manifest, *, name: str
                  ) -> tuple[pd.DataFrame, list[str], dict[str, int]]:
     """Drop from test ``cohort`` the images the model trained or validated on (``trained``: the run's
@@ -206,23 +223,10 @@ def exclude_seen(cohort: pd.DataFrame, trained: pd.DataFrame, manifest: Manifest
     """
     seen = trained[trained["split"].isin(["train", "val"])]
     own_test = trained[trained["split"] == "test"]
-    paths = _real_paths(cohort["path"])
-
-    def patient(df: pd.DataFrame) -> pd.Series:
-        """Patient ids are compared within a dataset: two hospitals may both have a patient "1"."""
-        ds = df["dataset"].fillna("").astype(str) if "dataset" in df.columns else pd.Series("", index=df.index)
-        return ds + "\x1f" + df["patient_id"].astype(str)
-
-    pairs = pd.MultiIndex.from_arrays([patient(cohort), cohort["image_id"].astype(str)])
-
-    def matches(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        part_pairs = pd.MultiIndex.from_arrays([patient(part), part["image_id"].astype(str)])
-        return paths.isin(set(_real_paths(part["path"]))).to_numpy(), pairs.isin(part_pairs)
-
-    same_file, same_ids = matches(seen)
+    same_file, same_ids = _same_images(cohort, seen)
     same_image = same_file | same_ids
-    same_patient = ~same_image & patient(cohort).isin(set(patient(seen))).to_numpy()
-    test_file, test_ids = matches(own_test)
+    same_patient = ~same_image & _patient_key(cohort).isin(set(_patient_key(seen))).to_numpy()
+    test_file, test_ids = _same_images(cohort, own_test)
     in_own_test = ~same_image & ~same_patient & (test_file | test_ids)
     counts = {"same_image": int(same_image.sum()), "same_file": int(same_file.sum()),
               "same_ids_other_file": int((same_ids & ~same_file).sum()), "same_patient": int(same_patient.sum()),
@@ -260,8 +264,9 @@ def predict_run(run_dir: str | Path, other: ExperimentConfig | ExternalCohort, *
     model's) or an :class:`ExternalCohort`. Images the model trained or validated on, and their patients,
     are left out (:func:`exclude_seen`). Writes ``predictions.csv`` (first seed), ``predictions_seed-<s>.csv``,
     ``metrics.json`` (the standard schema plus ``trained_on``, ``tested_on``, ``input_mode``, ``notes``,
-    ``excluded_classes``, ``seen_by_model``), ``manifest.json`` and ``inputs.json``; a folder whose
-    ``inputs.json`` matches is reused (``"reused": True`` in the result). Notes are also said.
+    ``excluded_classes``, ``seen_by_model``, ``internal_test_images`` and ``internal_only``: every image
+    tested is one of the model's own internal test images), ``manifest.json`` and ``inputs.json``; a
+    folder whose ``inputs.json`` matches is reused (``"reused": True`` in the result). Notes are also said.
     """
     from readingrace.predict import predict_proba, predictions_table
     from readingrace.stats.metrics import evaluate_predictions
@@ -292,6 +297,7 @@ def predict_run(run_dir: str | Path, other: ExperimentConfig | ExternalCohort, *
         if target not in cohort.columns:
             raise CohortError(f"cohort {other.name!r} has no {target!r} column to compare with the model's classes "
                               f"{classes}; available: {sorted(map(str, cohort.columns))}")
+        n_loaded = len(cohort)
         cohort, notes, seen_counts = exclude_seen(cohort, seen, manifest, name=other.name)
         labels = cohort[target].astype(str)
         unknown = labels[~labels.isin(classes)].value_counts().sort_index()
@@ -315,7 +321,19 @@ def predict_run(run_dir: str | Path, other: ExperimentConfig | ExternalCohort, *
         cohort = manifest.step("image decodes", cohort, cohort[ok])
         if cohort.empty:
             raise CohortError(f"no image of cohort {other.name!r} could be decoded; see {out / 'manifest.json'}")
-        say(f"{other.name}: {len(cohort)} images of {cohort['patient_id'].nunique()} patients ({other.description})")
+        own_file, own_ids = _same_images(cohort, seen[seen["split"] == "test"])
+        n_own_test = int((own_file | own_ids).sum())
+        internal_only = n_own_test == len(cohort)
+        if internal_only:
+            notes.append(f"all {len(cohort)} remaining test images are {trained_on or trained.name}'s own internal "
+                         "test images: this repeats its internal test, it is not an external one")
+        left = [(seen_counts["same_image"] + seen_counts["same_patient"],
+                 "the model's own training and validation images and patients"),
+                (int(unknown.sum()), "classes it never learnt"), (int((~ok).sum()), "images that do not decode")]
+        left_text = ", ".join(f"{what} ({n})" for n, what in left if n)
+        say(f"{other.name}: {len(cohort)} images of {cohort['patient_id'].nunique()} patients tested ("
+            + (f"{other.description}: {n_loaded} images before leaving out {left_text})" if left_text
+               else f"{other.description})"))
         for note in notes:
             say(f"note: {note}")
         per_seed = {}
@@ -337,7 +355,7 @@ def predict_run(run_dir: str | Path, other: ExperimentConfig | ExternalCohort, *
             "trained_on": trained_on or trained.name, "tested_on": other.name, "test_cohort": other.description,
             "input_mode": input_mode, "image_size": trained.image.size, "notes": notes,
             "excluded_classes": {str(c): int(n) for c, n in unknown.items()}, "absent_classes": absent,
-            "seen_by_model": seen_counts,
+            "seen_by_model": seen_counts, "internal_test_images": n_own_test, "internal_only": internal_only,
             "seeds": {str(s): {"macro_auc": m["macro_auc"], "macro_auc_ci": m["macro_auc_ci"]} for s, m in per_seed.items()},
         })
         manifest.write(out / "manifest.json")
@@ -359,9 +377,11 @@ def _same_inputs(out: Path, inputs: dict[str, Any]) -> bool:
 def cell_record(metrics: Mapping[str, Any] | None, *, trained_on: str, tested_on: str, cell_dir: str | Path | None,
                 input_mode: str | None, internal: bool = False, status: str = "done", reason: str = "",
                 reused: bool = False) -> dict[str, Any]:
-    """One cell of the matrix (the row of ``external.json`` and ``matrix.csv``)."""
+    """One cell of the matrix (the row of ``external.json`` and ``matrix.csv``). ``n_images``: test images;
+    ``internal_only``: an off-diagonal cell whose images are all the row model's own internal test images."""
     m = dict(metrics or {})
     per = m.get("per_class") or {}
+    seen = m.get("seen_by_model") or {}
     notes = list(m.get("notes") or [])
     if internal:
         notes.insert(0, "internal: the run's own test split (its metrics.json)")
@@ -371,7 +391,18 @@ def cell_record(metrics: Mapping[str, Any] | None, *, trained_on: str, tested_on
             "per_class_auc_ci": {c: list(p.get("auc_ci") or [None, None]) for c, p in per.items()},
             "n_images": m.get("n_images"), "n_patients": m.get("n_patients"), "input_mode": input_mode,
             "notes": notes, "cell_dir": None if cell_dir is None else str(cell_dir), "reused": reused,
-            "seen_left_out": sum(int((m.get("seen_by_model") or {}).get(k) or 0) for k in ("same_image", "same_patient"))}
+            "seen_left_out": sum(int(seen.get(k) or 0) for k in ("same_image", "same_patient")),
+            "internal_test_overlap": seen.get("internal_test_overlap"),
+            "internal_only": not internal and status == "done" and _internal_only(m)}
+
+
+def _internal_only(metrics: Mapping[str, Any]) -> bool:
+    """Whether a cell's test images are all the row model's own internal test images (``internal_only`` in its
+    metrics.json; for a cell written before that field, its internal test overlap equals its image count)."""
+    if "internal_only" in metrics:
+        return bool(metrics["internal_only"])
+    n = metrics.get("n_images")
+    return bool(n) and (metrics.get("seen_by_model") or {}).get("internal_test_overlap") == n
 
 
 def matrix_order(cells: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
@@ -392,13 +423,24 @@ def cell_text(cell: Mapping[str, Any]) -> str:
     return f"{text} (internal)" if cell.get("internal") else text
 
 
+def matrix_cell_text(cell: Mapping[str, Any]) -> str:
+    """:func:`cell_text`, "(internal test of ROW)" for an ``internal_only`` cell, and the test images: ", n = 90"."""
+    text = cell_text(cell)
+    if cell.get("status") != "done":
+        return text
+    if cell.get("internal_only"):
+        text += f" (internal test of {cell['trained_on']})"
+    return text + (f", n = {cell['n_images']}" if cell.get("n_images") is not None else "")
+
+
 def matrix_table(cells: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-    """Rows: trained on; columns: tested on; cells "AUC [lo, hi]" (paper Table 4); diagonal "(internal)"."""
+    """Rows: trained on; columns: tested on; cells "AUC [lo, hi], n = N" (paper Table 4, with the test images);
+    diagonal "(internal)", a cell holding only the row model's internal test images "(internal test of ROW)"."""
     cells = list(cells)
     rows, cols = matrix_order(cells)
     table = pd.DataFrame("", index=pd.Index(rows, name="trained on \\ tested on"), columns=cols, dtype=object)
     for c in cells:
-        table.loc[c["trained_on"], c["tested_on"]] = cell_text(c)
+        table.loc[c["trained_on"], c["tested_on"]] = matrix_cell_text(c)
     return table
 
 
@@ -408,7 +450,8 @@ def tidy_cells(cells: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     for c in cells:
         lo, hi = (list(c.get("macro_auc_ci") or [None, None]) + [None, None])[:2]
         row = {"trained_on": c["trained_on"], "tested_on": c["tested_on"], "internal": c["internal"],
-               "status": c["status"], "macro_auc": c.get("macro_auc"), "ci_lo": lo, "ci_hi": hi}
+               "internal_only": bool(c.get("internal_only")), "status": c["status"], "macro_auc": c.get("macro_auc"),
+               "ci_lo": lo, "ci_hi": hi}
         for cls, auc in (c.get("per_class_auc") or {}).items():
             clo, chi = (list((c.get("per_class_auc_ci") or {}).get(cls) or [None, None]) + [None, None])[:2]
             row.update({f"auc_{cls}": auc, f"auc_{cls}_ci_lo": clo, f"auc_{cls}_ci_hi": chi})
@@ -417,7 +460,7 @@ def tidy_cells(cells: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
                     "reason": c.get("reason", ""), "cell_dir": c.get("cell_dir")})
         rows.append(row)
     df = pd.DataFrame(rows)
-    front = ["trained_on", "tested_on", "internal", "status", "macro_auc", "ci_lo", "ci_hi"]
+    front = ["trained_on", "tested_on", "internal", "internal_only", "status", "macro_auc", "ci_lo", "ci_hi"]
     back = ["n_images", "n_patients", "input_mode", "notes", "reason", "cell_dir"]
     if df.empty:
         return pd.DataFrame(columns=front + back)
@@ -439,7 +482,9 @@ def write_matrix(cells: list[dict[str, Any]], out: str | Path, *, extra: Mapping
     notes = [f"- {c['trained_on']} -> {c['tested_on']}: " + "; ".join(c["notes"] + ([c["reason"]] if c["reason"] else []))
              for c in cells if not c["internal"] and (c["notes"] or c["reason"])]
     text = ["# External validation: macro AUC [95% CI]", "",
-            "Rows: trained on; columns: tested on. The diagonal (internal) is each run's own test split.", "",
+            "Rows: trained on; columns: tested on; n: test images. The diagonal (internal) is each run's own test "
+            "split; \"internal test of ROW\" marks a cell whose images are all that row model's internal test "
+            "images.", "",
             md_table(table), ""] + (["Notes:", "", *notes, ""] if notes else [])
     write_atomic(files["markdown"], "\n".join(text))
     if not plot_external_matrix(cells, files["png"]):

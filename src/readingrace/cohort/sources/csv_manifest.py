@@ -3,11 +3,15 @@
 Options: ``csv`` (the file, relative to the data root), ``columns`` (our name -> the CSV's name, e.g.
 ``{patient_id: MRN, race: Race}``), ``race_table`` (race mapping table, default ``generic``),
 ``image_root`` (folder the paths are relative to; default the CSV's folder). Paths that do not exist,
-or that escape the image root (``../``), are recorded as skips.
+or that escape the image root (``../``, judged on the path as written, so symlinked folders inside the
+root are followed), are recorded as skips; a CSV with no image left is a :class:`CohortError` giving the
+counts by reason.
 """
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,8 @@ from readingrace.cohort.schema import REQUIRED_COLUMNS, conform
 from readingrace.errors import CohortError, ConfigError
 
 OPTIONS = {"csv", "columns", "race_table", "image_root", "dataset"}
+ESCAPES = "path escapes the image root"
+MISSING = "missing file"
 
 
 def load(options: dict[str, Any], data_root: Path, manifest: Manifest) -> pd.DataFrame:
@@ -78,23 +84,32 @@ def load(options: dict[str, Any], data_root: Path, manifest: Manifest) -> pd.Dat
         if col in df.columns:
             df[col] = _numeric_column(df, col, max_value, manifest, csv_path.name)
     image_root = Path(options["image_root"]) if options.get("image_root") else csv_path.parent
-    image_root = (image_root if image_root.is_absolute() else root / image_root).resolve()
+    image_root = Path(os.path.abspath(image_root if image_root.is_absolute() else root / image_root))
     resolved = []
+    skipped: Counter[str] = Counter()
     for row, p in zip(df["source_row"], df["path"]):
-        full = (image_root / p).resolve()
+        full = Path(os.path.abspath(image_root / p))  # lexical: `../` is refused, symlinks inside are followed
         if not full.is_relative_to(image_root):
-            manifest.skip(p, f"path escapes the image root: row {row} of {csv_path.name}")
-            resolved.append(None)
+            reason = ESCAPES
         elif not full.is_file():
-            manifest.skip(p, f"missing file: row {row} of {csv_path.name}")
-            resolved.append(None)
+            reason = MISSING
         else:
             resolved.append(str(full))
+            continue
+        manifest.skip(p, f"{reason}: row {row} of {csv_path.name}")
+        skipped[reason] += 1
+        resolved.append(None)
     before = df
     df = df.assign(path=resolved)
     df = df[df["path"].notna()]
+    by_reason = ", ".join(f"{reason} ({n})" for reason, n in skipped.most_common())
     manifest.step("image file present", before, df,
-                  detail=f"{len(before) - len(df)} rows skipped (missing file or path outside the image root)")
+                  detail=f"{len(before) - len(df)} rows skipped" + (f": {by_reason}" if by_reason else ""))
+    if before.empty:
+        raise CohortError(f"{csv_path.name}: no image left: the file lists no row")
+    if df.empty:
+        raise CohortError(f"{csv_path.name}: no image left: {len(before)} rows skipped: {by_reason}; paths are "
+                          f"read relative to the image root {image_root}")
     return conform(df, dataset=options.get("dataset", csv_path.stem))
 
 
