@@ -289,6 +289,11 @@ def test_state_dict_unchanged_after_probing_and_audit_report(tmp_path):
     assert comp["macro_difference"] == pytest.approx(comp["macro_auc_a"] - comp["macro_auc_b"])
     md = (tmp_path / "audit" / "probe.md").read_text()
     assert "probe: softmax" in md and "trained directly" in md
+    # two classes: one AUC column (both one-vs-rest AUCs and their mean are the same number)
+    soft = report["targets"]["sex"]["probes"]["softmax"]
+    assert "| model | AUC (F vs M) | test images (patients) |" in md and "macro AUC |" not in md
+    lo, hi = soft["macro_auc_ci"]
+    assert f"| probe: softmax | {soft['macro_auc']:.3f} [{lo:.3f}, {hi:.3f}] | " in md
     assert json.loads((tmp_path / "audit" / "probe.json").read_text())["n_features"] == 128
     with pytest.raises(ConfigError, match="exactly one"):
         run_audit(images=images, cohort=cohort, out_dir=tmp_path / "x", targets=["sex"], say=lambda m: None)

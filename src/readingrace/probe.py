@@ -403,12 +403,15 @@ def probe_markdown(result: ProbeResult, *, feature_model: str, direct: Mapping[s
                    direct_name: str = "trained directly", comparison: Mapping[str, Any] | None = None) -> str:
     """A Markdown table: each probe's per-class and macro AUC (95% CI) beside the direct model's."""
     cls = result.classes
-    head = "| model | " + " | ".join(f"AUC {c}" for c in cls) + " | macro AUC | test images (patients) |"
-    lines = [f"### Does `{feature_model}` encode {result.target}?", "", head, "|" + "---|" * (len(cls) + 3)]
+    binary = len(cls) == 2  # both one-vs-rest AUCs and their mean are one number: one column
+    head = ("| model | " + (f"AUC ({cls[0]} vs {cls[1]})" if binary else " | ".join(f"AUC {c}" for c in cls)
+                            + " | macro AUC") + " | test images (patients) |")
+    lines = [f"### Does `{feature_model}` encode {result.target}?", "", head,
+             "|" + "---|" * (3 if binary else len(cls) + 3)]
 
     def row(label: str, m: Mapping[str, Any]) -> str:
-        per = [_ci(m["per_class"][c], "auc") if c in m.get("per_class", {}) else "n/a" for c in cls]
-        return f"| {label} | " + " | ".join(per) + f" | {_ci(m)} | {m.get('n_images')} ({m.get('n_patients')}) |"
+        per = [] if binary else [_ci(m["per_class"][c], "auc") if c in m.get("per_class", {}) else "n/a" for c in cls]
+        return f"| {label} | " + "".join(f"{p} | " for p in per) + f"{_ci(m)} | {m.get('n_images')} ({m.get('n_patients')}) |"
 
     for name, m in result.metrics.items():
         lines.append(row(f"probe: {name}", m))
