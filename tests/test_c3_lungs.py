@@ -304,6 +304,27 @@ def test_gallery_draws_boxes_on_pixel_edges():
         gallery_figure(imgs, None, ["a", "b", "c"], boxes=boxes[:2])
 
 
+def test_gallery_two_line_captions_fit_their_tile():
+    """The lung-mask gallery's "#741 ..., lung 0.14\nexcluded: ..." captions overlap neither the image above
+    nor the tiles beside them."""
+    from readingrace.explain.gallery import gallery_figure
+
+    imgs = np.random.default_rng(0).random((12, 64, 64)).astype(np.float32)
+    titles = [f"#{k} unet, lung 0.2{k % 10}" + ("\nexcluded: both lung regions on one side of the midline"
+                                                if k in (3, 9) else "") for k in range(12)]
+    fig = gallery_figure(imgs, None, titles, ncols=6, suptitle="lung masks of test images (U-Net masks)")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    images = [ax.get_window_extent(renderer) for ax in fig.axes]
+    for k, ax in enumerate(fig.axes):
+        box = ax.title.get_window_extent(renderer)
+        assert box.width <= images[k].width * 1.05, (k, ax.get_title())            # no wider than its tile
+        for j, other in enumerate(images):
+            assert j == k or not box.overlaps(other), (k, j, ax.get_title())    # on no other image
+        assert box.y0 >= images[k].y1 - 1                                      # above its own image
+    assert "excluded: both lung regions on one side" in fig.axes[9].get_title().replace("\n", " ")
+
+
 class BrightIsA(torch.nn.Module):
     """Features (x, 1 - x); logit k = mean of feature k: Grad-CAM of class A is the image itself."""
 

@@ -464,7 +464,7 @@ def test_report_never_replaces_a_file_it_did_not_write(suite_dir, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "report.html").write_text("<html>MY REPORT</html>\n")
-    with pytest.raises(RunError, match=r"would replace report\.html, not written by readingrace"):
+    with pytest.raises(RunError, match=r"would replace report\.html, not written by `readingrace report`/`collect`"):
         write_report([suite_dir], out=mine)
     assert (mine / "report.html").read_text() == "<html>MY REPORT</html>\n"
     assert sorted(p.name for p in mine.iterdir()) == ["report.html"]  # nothing else written, no staging left
@@ -480,7 +480,7 @@ def test_report_never_replaces_a_file_it_did_not_write(suite_dir, tmp_path):
     assert (rep / "tables" / "results.csv").read_text() == "my,own\n1,2\n"
     # a run folder's own report.md (readingrace run wrote it, but it is not a study report) is kept
     run = next((suite_dir / "A1" / "nih").iterdir())
-    with pytest.raises(RunError, match="report.md"):
+    with pytest.raises(RunError, match="report.md, not written by `readingrace report`/`collect`"):
         write_report([suite_dir], out=run)
     assert (run / "report.md").read_text() == "# run\n"
     # collect: the same rule in its folder
@@ -617,3 +617,164 @@ def test_a_cohort_shown_once_when_two_runs_share_images_split_and_exclusions(tmp
     cohort = md.split("## Cohort")[1].split("\n## ")[0]
     assert cohort.count("Images (patients) per split and class:") == 1
     assert "The same images, split and exclusions as" in cohort
+
+
+# -- user files in and around a report folder; links of every table; headings; external n; incomplete grids ----
+def test_a_report_in_the_parent_folder_does_not_make_a_users_files_ours(suite_dir, tmp_path):
+    from readingrace.errors import RunError
+
+    parent = tmp_path / "b"
+    write_report([suite_dir], out=parent)
+    mine = parent / "mine"
+    (mine / "tables").mkdir(parents=True)
+    (mine / "report.md").write_text("my notes\n")
+    (mine / "tables" / "results.csv").write_text("my,data\n")
+    with pytest.raises(RunError, match=r"would replace report\.md, tables/results\.csv, not written by"):
+        write_report([suite_dir], out=mine)
+    assert (mine / "report.md").read_text() == "my notes\n"
+    assert (mine / "tables" / "results.csv").read_text() == "my,data\n"
+    # the report's own tables/ (its record lists them, by content): collect may write there, and back
+    assert collect([suite_dir], out=parent / "tables").out == parent / "tables"
+    assert write_report([suite_dir], out=parent)["html"].is_file()
+    (parent / "tables" / "A1.md").write_text("my A1\n")
+    with pytest.raises(RunError, match=r"would replace A1\.md, not written by"):
+        collect([suite_dir], out=parent / "tables")
+
+
+def test_a_report_md_edited_since_is_not_replaced(suite_dir, tmp_path):
+    from readingrace.errors import RunError
+
+    rep = tmp_path / "rep"
+    md = write_report([suite_dir], out=rep)["markdown"]
+    edited = md.read_text() + "\nMy own conclusions.\n"  # still starts with the generator mark
+    md.write_text(edited)
+    with pytest.raises(RunError, match=r"would replace report\.md, not written by .*\(or changed since\)"):
+        write_report([suite_dir], out=rep)
+    assert md.read_text() == edited
+    # the mark alone counts only for a report the record does not list
+    (rep / ".readingrace-written.json").unlink()
+    assert "My own conclusions" not in write_report([suite_dir], out=rep)["markdown"].read_text()
+
+
+def test_collect_legacy_rule_needs_collects_own_index_in_its_default_folder(suite_dir, tmp_path):
+    from readingrace.errors import RunError
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "index.csv").write_text("id,run_dir,status,my_notes\n1,x,done,good\n")
+    (user / "A1.md").write_text("my A1 notes\n")
+    with pytest.raises(RunError, match=r"would replace A1\.md, index\.csv, not written by"):
+        collect([suite_dir], out=user)
+    assert (user / "A1.md").read_text() == "my A1 notes\n"
+    # collect's default folder (SUITE/collected), written before the record: its files are replaced
+    default = suite_dir / "collected"
+    collect([suite_dir], out=default)
+    (default / ".readingrace-written.json").unlink()
+    (default / "A1.md").write_text("an older A1 table\n")
+    collect([suite_dir], out=default)
+    assert (default / "A1.md").read_text().startswith("| dataset | model |")
+    # ... but not where the index.csv is not exactly collect's
+    (default / ".readingrace-written.json").unlink()
+    (default / "index.csv").write_text("id,run_dir,status\n")
+    (default / "A1.md").write_text("an older A1 table\n")
+    with pytest.raises(RunError, match="A1.md"):
+        collect([suite_dir], out=default)
+    assert (default / "A1.md").read_text() == "an older A1 table\n"
+
+
+def test_test_time_and_strata_tables_link_each_row_to_its_run(tmp_path):
+    root = tmp_path / "suite"
+    entries = []
+    for id_, fam, rel in (("C2-noise-blur", "C2", "C2-noise-blur/nih/00000000000000aa"), ("B5", "B", "B5/nih/00000000000000b5")):
+        _run(root, rel, 0.8)
+        path = root / rel / "metrics.json"
+        m = json.loads(path.read_text())
+        if id_ == "B5":
+            m["strata"] = {"age_group": {"20-40": {**_metrics(0.7), "n_patients": 20}}}
+        else:
+            m["test_perturbations"] = {"Gaussian noise per image": {
+                "metrics": _metrics(0.6), "comparison": {"macro_difference": -0.2, "macro_difference_ci": [-0.3, -0.1]}}}
+        path.write_text(json.dumps(m))
+        entries.append({"id": id_, "family": fam, "title": id_, "paper": "", "kind": "train", "dataset": "nih",
+                        "attribute": "sex", "label": "baseline", "point": {}, "fingerprint": rel[-16:], "run_dir": rel,
+                        "status": "done", "reason": "", "seconds": 1.0})
+    (root / "suite.json").write_text(json.dumps({"entries": entries, "skipped": []}))
+    page = write_report([root], out=tmp_path / "rep")["html"].read_text()
+
+    def table(key: str) -> str:
+        start = page.index(f"id='exp-{key}'")
+        return page[start:page.index("</table>", start)]
+
+    noise = table("C2-noise-blur-(test-time)")
+    assert '<a href="../suite/C2-noise-blur/nih/00000000000000aa/report.md">0.600 [0.550, 0.650]</a>' in noise
+    assert '<a href="../suite/C2-noise-blur/nih/00000000000000aa/report.md">-0.200 [-0.300, -0.100]</a>' in noise
+    strata = table("B5-(within-strata)")
+    assert '<a href="../suite/B5/nih/00000000000000b5/report.md">0.700 [0.650, 0.750]</a>' in strata
+
+
+def test_embedded_markdown_headings_stop_at_six_levels(tmp_path):
+    from readingrace.report.html import _demote_markdown
+
+    assert _demote_markdown("# a\n### b\n#### c\n#741 not a heading\ntext", 4).splitlines() == [
+        "##### a", "###### b", "###### c", "#741 not a heading", "text"]
+    _run(tmp_path, "a3run", 0.8, name="A3")
+    (tmp_path / "a3run" / "a3.md").write_text("# A3\n\n### Does `resnet-tiny` encode sex?\n\nYes.\n")
+    md = write_report([tmp_path / "a3run"], out=tmp_path / "rep")["markdown"].read_text()
+    assert "\n###### Does `resnet-tiny` encode sex?\n" in md
+    assert not re.search(r"^#{7,}", md, re.M)
+
+
+def test_external_cells_show_n_and_a_cell_of_only_internal_test_images(tmp_path, monkeypatch):
+    from readingrace.experiments.external import cell_record, write_matrix
+    from readingrace.report import figures
+
+    ext = tmp_path / "ext"
+    for d in ("nih__on__nih2", "nih__on__site"):
+        (ext / d).mkdir(parents=True)
+    overlap = {**_metrics(0.71), "notes": ["60 image(s) overlap the model's internal test set (unseen in training; kept)"],
+               "seen_by_model": {"same_image": 500, "same_patient": 0, "internal_test_overlap": 60}}
+    partly = {**_metrics(0.55), "notes": ["20 image(s) overlap the model's internal test set (unseen in training; kept)"]}
+    cells = [cell_record(_metrics(0.7), trained_on="nih", tested_on="nih", internal=True, input_mode="stretch",
+                         cell_dir=None),
+             cell_record(overlap, trained_on="nih", tested_on="nih2", input_mode="stretch", cell_dir="nih__on__nih2"),
+             cell_record(partly, trained_on="nih", tested_on="site", input_mode="pad", cell_dir="nih__on__site")]
+    drawn: list = []
+    panel = figures._matrix_panel
+    monkeypatch.setattr(figures, "_matrix_panel", lambda ax, v, text, **kw: drawn.append(text) or panel(ax, v, text, **kw))
+    write_matrix(cells, ext)
+    index = json.loads((ext / "external.json").read_text())  # as an earlier version wrote it: no such fields
+    index["cells"] = [{k: v for k, v in c.items() if k not in ("internal_only", "internal_test_overlap")}
+                      for c in index["cells"]]
+    (ext / "external.json").write_text(json.dumps(index))
+    col = collect([ext], out=tmp_path / "tables")
+    md = (tmp_path / "tables" / "external-ext.md").read_text()
+    assert "| nih | 0.700 [0.650, 0.750] (internal), n = 60 | 0.710 [0.660, 0.760] (internal test of nih), n = 60 | " \
+           "0.550 [0.500, 0.600], n = 60 |" in md
+    assert len(col.external["ext"]) == 3
+    page = write_report([ext], out=tmp_path / "rep")["html"].read_text()
+    assert ">0.710 [0.660, 0.760] (internal test of nih), n = 60</a>" in page
+    texts = drawn[-1][0]  # the heatmap's one row
+    assert texts[0].endswith("internal\nn = 60") and "internal test of nih\nn = 60" in texts[1]
+    assert "internal test" not in texts[2] and texts[2].endswith("n = 60")
+
+
+def test_a_grid_with_points_of_other_shards_missing_says_so(tmp_path, monkeypatch):
+    from readingrace.experiments.suite import resolve_suite_dir, run_suite
+    from readingrace.report import figures
+
+    out, kw = _sharded_suite(tmp_path)
+    done = len(json.loads((out / "suite-1-of-2.json").read_text())["entries"])
+    titles: list[str] = []
+    line_panel = figures._line_panel
+    monkeypatch.setattr(figures, "_line_panel", lambda ax, part, x, **k: titles.append(k["title"]) or line_panel(ax, part, x, **k))
+    col = collect([out], out=tmp_path / "c1")  # shard 2 unnamed: the grid may be incomplete, by how much is unknown
+    assert col.grid_note("C2-resolution") == (f"possibly incomplete: {done} points; {7 - done} planned run(s) of "
+                                              "shard(s) not run yet are not named")
+    assert titles[-1].endswith(col.grid_note("C2-resolution"))
+    run_suite(resolve_suite_dir("paper"), out=out, dry_run=True, **kw)  # the plan names the missing runs
+    collect([out], out=tmp_path / "c2")
+    note = f"incomplete: {done} of 7 points, {7 - done} not run yet"
+    assert titles[-1] == f"AUC vs resolution\n{note}"
+    assert (tmp_path / "c2" / "C2-resolution.md").read_text().startswith(f"C2-resolution: {note}\n\n| dataset |")
+    md = write_report([out], out=tmp_path / "rep")["markdown"].read_text()
+    assert f"### C2-resolution: Resolution: images downsampled (anti-aliased) and trained on ({note})" in md

@@ -7,6 +7,7 @@ Drawing uses matplotlib's Agg canvas directly (no pyplot state, safe in worker p
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +36,19 @@ def _as_array(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
+#: Tile captions: font size (points), the height of one line (inches) and the characters per line that fit
+#: a 2.4-inch tile; a longer line is wrapped, never drawn over its neighbours.
+CAPTION_FONTSIZE = 7
+CAPTION_LINE_IN = 0.15
+CAPTION_CHARS = 40
+
+
+def _wrap_caption(title: str) -> str:
+    """A tile caption with each of its lines wrapped to :data:`CAPTION_CHARS`."""
+    return "\n".join(part for line in title.split("\n")
+                     for part in (textwrap.wrap(line, CAPTION_CHARS, break_on_hyphens=False) or [""]))
+
+
 def gallery_figure(
     images: np.ndarray | torch.Tensor,
     heatmaps: np.ndarray | torch.Tensor | None,
@@ -53,7 +67,8 @@ def gallery_figure(
     ``boxes`` (N, 4) ``(y0, y1, x0, x1)``, end-exclusive pixel rows and columns as in
     :func:`~readingrace.imaging.perturb.hot_box`, are drawn as white rectangles along the pixel
     edges; an empty box (zero area) draws nothing. ``outlines`` (N, H, W) bool masks are drawn as
-    red contours.
+    red contours. Titles are the tiles' captions: a line wider than a tile is wrapped, and every row of
+    tiles leaves room for the longest caption, so captions never cover a neighbouring image.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -83,7 +98,10 @@ def gallery_figure(
         raise ReadingRaceError(f"gallery: ncols must be >= 1, got {ncols}")
     cols = min(ncols, n)
     rows = -(-n // cols)
-    fig = Figure(figsize=(2.4 * cols, 2.6 * rows + (0.4 if suptitle else 0)), dpi=dpi)
+    captions = [_wrap_caption(str(t)) for t in titles]
+    n_lines = max(c.count("\n") + 1 for c in captions)  # each row keeps room for the longest caption
+    row_in = 2.45 + CAPTION_LINE_IN * n_lines
+    fig = Figure(figsize=(2.4 * cols, row_in * rows + (0.4 if suptitle else 0)), dpi=dpi)
     FigureCanvasAgg(fig)
     for k in range(rows * cols):
         ax = fig.add_subplot(rows, cols, k + 1)
@@ -100,7 +118,7 @@ def gallery_figure(
             if y1 > y0 and x1 > x0:  # pixel i spans [i - 0.5, i + 0.5] in imshow's coordinates
                 ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="white",
                                        linewidth=1.2, gid="hot_box"))
-        ax.set_title(str(titles[k]), fontsize=7)
+        ax.set_title(captions[k], fontsize=CAPTION_FONTSIZE)
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -77,6 +78,27 @@ class Collected:
         more = f" and {len(named) - 5} more" if len(named) > 5 else ""
         return (f"{self.n_pending} of {self.n_planned} planned runs have no results yet (e.g. other shards): "
                 f"{'; '.join(named[:5])}{more}.")
+
+    def grid_note(self, id_: str) -> str:
+        """"incomplete: k of n points, m not run yet" (or "..., m skipped or failed") when planned runs of
+        experiment ``id_`` have no results; "possibly incomplete: ..." when a shard that has not run may hold some
+        (without a dry-run plan its runs are not named); "" when complete or not a suite experiment."""
+        planned = {str(e["run_dir"]) for e in self.index if e.get("id") == id_ and e.get("kind") != "external"}
+        if not planned:
+            return ""
+        waiting = {str(p["run_dir"]) for p in self.pending if p.get("id") == id_ and p.get("run_dir")}
+        planned |= waiting
+        done = len({r.run_dir for r in self.runs if r.id == id_})
+        unnamed = self.n_pending - sum(1 for p in self.pending if p.get("run_dir"))
+        other = len(planned) - done - len(waiting)
+        if done < len(planned):
+            why = [f"{len(waiting)} not run yet"] if waiting else []
+            why += [f"{other} skipped or failed"] if other > 0 else []
+            at_least = "at least " if unnamed > 0 else ""
+            return f"incomplete: {done} of {at_least}{len(planned)} points, {', '.join(why)}"
+        if unnamed > 0:
+            return f"possibly incomplete: {done} points; {unnamed} planned run(s) of shard(s) not run yet are not named"
+        return ""
 
 
 def _read_run(run_dir: Path, meta: dict[str, Any] | None = None) -> RunRecord | None:
@@ -267,6 +289,7 @@ def gather_external(paths: list[str | Path]) -> dict[str, list[dict[str, Any]]]:
             cells = groups.setdefault(f"{idx.parent.resolve().name}", {})
             for c in data["cells"]:
                 c = dict(c)
+                c["internal_only"] = only_internal_test(c)  # an earlier external.json lacks the field
                 if c.get("cell_dir"):
                     c["cell_dir"] = str((idx.parent / c["cell_dir"]).resolve())
                 _put_cell(cells, c)
@@ -294,6 +317,25 @@ def gather_external(paths: list[str | Path]) -> dict[str, list[dict[str, Any]]]:
                                                  internal=True, cell_dir=trained.resolve(),
                                                  input_mode=((cfg or {}).get("image") or {}).get("mode", "stretch")))
     return {title: list(cells.values()) for title, cells in groups.items()}
+
+
+_OVERLAP_NOTE = re.compile(r"^(\d+) image\(s\) overlap the model's internal test set")
+
+
+def only_internal_test(cell: dict[str, Any]) -> bool:
+    """An off-diagonal cell whose remaining test images are all the row model's own internal test images: not an
+    external test, whatever its column says. ``internal_only`` of the cell record; a cell of an earlier
+    external.json without it: its internal test overlap (``internal_test_overlap``, or its note) equals n_images."""
+    if "internal_only" in cell:
+        return bool(cell["internal_only"])
+    n = cell.get("n_images")
+    if cell.get("internal") or cell.get("status") != "done" or not n:
+        return False
+    overlap = cell.get("internal_test_overlap")
+    for note in [] if overlap is not None else cell.get("notes") or []:
+        m = _OVERLAP_NOTE.match(str(note))
+        overlap = int(m.group(1)) if m else overlap
+    return overlap is not None and int(overlap) == int(n)
 
 
 def external_stem(title: str) -> str:
@@ -441,6 +483,17 @@ def strata_table(runs: list[RunRecord], id_: str) -> pd.DataFrame:
     return wide
 
 
+TEST_TIME_SUFFIX = " (test-time)"
+
+
+def experiment_of(key: str) -> str:
+    """The experiment id of a key of :func:`experiment_tables`: ``C3 (test-time)`` -> ``C3``."""
+    for suffix in (TEST_TIME_SUFFIX, STRATA_SUFFIX):
+        if key.endswith(suffix):
+            return key[:-len(suffix)]
+    return key
+
+
 def experiment_tables(tidy: pd.DataFrame, runs: list[RunRecord] | None = None) -> dict[str, pd.DataFrame]:
     """One wide table per experiment id (the paper's table layout), test-time perturbations apart; with
     ``runs``, also each experiment's AUCs within strata (``"<id> (within strata)"``)."""
@@ -464,7 +517,7 @@ def experiment_tables(tidy: pd.DataFrame, runs: list[RunRecord] | None = None) -
                                                           for r in macro.itertuples()]})
                 w = w.merge(diff[["dataset", "test_perturbation", TEST_DIFF_HEADER]],
                             on=["dataset", "test_perturbation"], how="left").fillna({TEST_DIFF_HEADER: ""})
-            out[f"{id_} (test-time)"] = w
+            out[id_ + TEST_TIME_SUFFIX] = w
         strata = strata_table(runs or [], id_)
         if not strata.empty:
             out[id_ + STRATA_SUFFIX] = strata
@@ -506,15 +559,17 @@ def write_collected(result: Collected, out: Path, *, figures: bool = True) -> No
         write_atomic(out / f"{stem}.csv", table.to_csv(index=False))
         write_atomic(out / f"{stem}.md", md_table(table) + "\n")
         result.files[f"disease {r.id} ({r.dataset})"] = out / f"{stem}.csv"
-    for id_, table in experiment_tables(tidy, result.runs).items():
-        stem = id_.replace(" ", "_").replace("(", "").replace(")", "")
+    notes = {id_: result.grid_note(id_) for id_ in tidy["id"].unique()}
+    for key, table in experiment_tables(tidy, result.runs).items():
+        stem = key.replace(" ", "_").replace("(", "").replace(")", "")
+        note = notes.get(experiment_of(key), "")
         write_atomic(out / f"{stem}.csv", table.to_csv(index=False))
-        write_atomic(out / f"{stem}.md", md_table(table) + "\n")
-        result.files[id_] = out / f"{stem}.csv"
+        write_atomic(out / f"{stem}.md", (f"{key}: {note}\n\n" if note else "") + md_table(table) + "\n")
+        result.files[key] = out / f"{stem}.csv"
     if figures:
         from readingrace.report.figures import family_figures
 
-        result.files.update(family_figures(tidy, out))
+        result.files.update(family_figures(tidy, out, notes={k: v for k, v in notes.items() if v}))
     for title, cells in result.external.items():  # A1-ext: the trained-on x tested-on matrix
         from readingrace.experiments.external import matrix_table, tidy_cells
         from readingrace.report.figures import plot_external_matrix
@@ -531,6 +586,13 @@ def write_collected(result: Collected, out: Path, *, figures: bool = True) -> No
 WRITTEN = ".readingrace-written.json"
 #: First line of report.md / a meta tag of report.html: marks a report readingrace wrote (see :func:`install`).
 REPORT_MARK = "generated by readingrace report"
+#: The study report's own files (their generator mark, or an earlier version's title, identifies them).
+REPORT_FILES = ("report.html", "report.md")
+#: Name prefixes of the figures a report writes beside report.html (the exclusion flow, AUC by slice position).
+REPORT_FIGURES = ("flow-", "slice-position-")
+#: The first line of report.md and the meta tag of report.html that :mod:`readingrace.report.html` writes.
+REPORT_MD_MARK = f"<!-- {REPORT_MARK} -->\n"
+REPORT_HTML_MARK = f"<meta name='generator' content='{REPORT_MARK}'>"
 
 
 @contextmanager
@@ -557,33 +619,62 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _ours(path: Path, rel: str, written: dict[str, str]) -> bool:
-    """Did readingrace write ``path`` (as it is now)? Listed in the folder's record with the same content, or a
-    report carrying the generator mark."""
-    if written.get(rel) == _sha256(path):
-        return True
-    if path.name in ("report.html", "report.md"):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            head = f.read(2000)
-        # reports of earlier versions (before the mark): their title
-        return (REPORT_MARK in head or "<title>readingrace report</title>" in head
-                or head.startswith("# readingrace report\n"))
-    return False
+def _ours(path: Path, rel: str, recorded: set[str]) -> bool:
+    """Did readingrace write ``path`` (as it is now)? A file a record lists (``recorded``: its SHA-256s there):
+    only if its content is unchanged; a report no record lists: only if it carries the generator mark."""
+    if recorded:
+        return _sha256(path) in recorded
+    return rel in REPORT_FILES and _report_mark(path, old_title=False)
 
 
-def _legacy_output(out: Path) -> bool:
-    """A report or collect folder written before files were recorded: it holds (or sits in) a readingrace
-    report, or its index.csv has collect's header; the files our outputs would replace there are ours."""
-    for folder in (out, out.parent):
-        for name in ("report.html", "report.md"):
-            if (folder / name).is_file() and _ours(folder / name, name, {}):
-                return True
-    index = out / "index.csv"
-    if index.is_file():
-        with open(index, encoding="utf-8", errors="replace") as f:
-            header = f.readline()
-        return {"id", "run_dir", "status"} <= set(header.strip().split(","))
-    return False
+def _recorded_hashes(out: Path, rel: str, records: dict[Path, dict[str, str]]) -> set[str]:
+    """The SHA-256s readingrace's records list for ``out/rel``: the record of ``out``, of its parent (``collect
+    -o REPORT/tables``) and of each folder between ``out`` and the file (a report over such a folder).
+    ``records`` caches each folder's record."""
+    out, parts = out.resolve(), rel.split("/")
+    places = [(out.parent, [out.name, *parts])] + [(out.joinpath(*parts[:k]), parts[k:]) for k in range(len(parts))]
+    hashes = set()
+    for folder, key in places:
+        if folder not in records:
+            files = (_read_json(folder / WRITTEN) or {}).get("files")
+            records[folder] = files if isinstance(files, dict) else {}
+        if "/".join(key) in records[folder]:
+            hashes.add(records[folder]["/".join(key)])
+    return hashes
+
+
+def _report_mark(path: Path, *, old_title: bool) -> bool:
+    """``path`` is a study report of readingrace: it carries the generator mark where the report puts it, or
+    (``old_title``) it is an earlier version's report, known by its title. A run folder's report.md (`readingrace
+    run`) is neither."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(4000)
+    if path.name == "report.md":
+        return head.startswith(REPORT_MD_MARK) or (old_title and head.startswith("# readingrace report\n"))
+    return REPORT_HTML_MARK in head or (old_title and "<title>readingrace report</title>" in head)
+
+
+def _legacy_files(stage: Path, out: Path, rels: list[str]) -> set[str]:
+    """Of ``rels``, the files in ``out`` that an earlier version (before the record) wrote there, exactly:
+    ``report.html`` / ``report.md`` of a readingrace report, the figures (``flow-*.png``,
+    ``slice-position-*.png``) and ``tables/`` beside such a report, and what `readingrace collect` writes into
+    its default folder (``SUITE/collected``) when the ``index.csv`` there has the header collect writes now.
+    Never because of anything outside ``out``."""
+    reports = {rel for rel in REPORT_FILES if (out / rel).is_file() and _report_mark(out / rel, old_title=True)}
+    ours = {rel for rel in rels if rel in reports}
+    if reports:  # that report's figures and tables folder
+        ours |= {rel for rel in rels if (rel.startswith("tables/") and rel.count("/") == 1)
+                 or (rel.startswith(REPORT_FIGURES) and rel.endswith(".png") and "/" not in rel)}
+    index, staged = out / "index.csv", stage / "index.csv"
+    if out.name == "collected" and any(out.parent.glob("suite*.json")) and index.is_file() and staged.is_file():
+        if _first_line(index) == _first_line(staged):
+            ours |= {rel for rel in rels if "/" not in rel}
+    return ours
+
+
+def _first_line(path: Path) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.readline()
 
 
 def install(stage: Path, out: Path, *, what: str) -> list[Path]:
@@ -593,13 +684,14 @@ def install(stage: Path, out: Path, *, what: str) -> list[Path]:
     written = record.get("files") if isinstance(record.get("files"), dict) else {}
     files = sorted(p for p in stage.rglob("*") if p.is_file())
     rels = [p.relative_to(stage).as_posix() for p in files]
-    legacy = not record and _legacy_output(out)
-    foreign = [rel for rel in rels if (out / rel).exists()
-               and not ((out / rel).is_file() and (legacy or _ours(out / rel, rel, written)))]
+    legacy = set() if record else _legacy_files(stage, out, rels)
+    records: dict[Path, dict[str, str]] = {}
+    foreign = [rel for rel in rels if (out / rel).exists() and not ((out / rel).is_file() and (
+        rel in legacy or _ours(out / rel, rel, _recorded_hashes(out, rel, records))))]
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise RunError(f"{out}: {what} would replace {shown}, not written by readingrace (or changed since); "
-                       "move it away or choose another --out")
+        raise RunError(f"{out}: {what} would replace {shown}, not written by `readingrace report`/`collect` "
+                       "(or changed since); move it away or choose another --out")
     moved = []
     for p, rel in zip(files, rels):
         (out / rel).parent.mkdir(parents=True, exist_ok=True)

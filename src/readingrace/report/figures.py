@@ -6,11 +6,15 @@
 * :func:`plot_band_maps` - d1 x d2 maps for band-pass and notch (Supplemental Tables 7 and 8);
 * :func:`plot_slice_position` - CT AUC by slice decile from one run's strata metrics (slice-wise results);
 * :func:`plot_flow` - the exclusion flow (CONSORT figure) from a manifest's flow table.
-* :func:`plot_external_matrix` - trained-on x tested-on heatmap of macro AUC with CIs (Table 4).
+* :func:`plot_external_matrix` - trained-on x tested-on heatmap of macro AUC with CIs and n (Table 4).
+
+A grid with points missing (other shards not run, runs skipped or failed) says so under its panel title
+(``notes``: "incomplete: 3 of 5 points, 2 not run yet").
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +62,15 @@ def _line_panel(ax, part: pd.DataFrame, x: str, *, title: str, xlabel: str, log:
     ax.legend(fontsize=7, loc="lower right")
 
 
-def plot_cutoff(tidy: pd.DataFrame, path: Path) -> bool:
-    """Figure 6: AUC vs cut-off ``d`` for C1-lowpass and C1-highpass (one panel each)."""
+def _titled(title: str, id_: str, notes: Mapping[str, str] | None) -> str:
+    """A panel title with its grid's note under it ("incomplete: 3 of 5 points"), if any."""
+    note = (notes or {}).get(id_, "")
+    return f"{title}\n{note}" if note else title
+
+
+def plot_cutoff(tidy: pd.DataFrame, path: Path, *, notes: Mapping[str, str] | None = None) -> bool:
+    """Figure 6: AUC vs cut-off ``d`` for C1-lowpass and C1-highpass (one panel each); ``notes`` (id -> text,
+    e.g. "incomplete: 3 of 5 points") go under a panel's title."""
     ids = [i for i in ("C1-lowpass", "C1-highpass") if (tidy["id"] == i).any()]
     if not ids:
         return False
@@ -68,21 +79,22 @@ def plot_cutoff(tidy: pd.DataFrame, path: Path) -> bool:
     for ax, id_ in zip(axes[0], ids):
         part = tidy[(tidy["id"] == id_) & (tidy["test_perturbation"] == "") & tidy["d"].notna()]
         kind = "low-pass (keep r < d)" if id_ == "C1-lowpass" else "high-pass (keep r >= d)"
-        _line_panel(ax, part, "d", title=f"{kind}", xlabel="cut-off d (pixels at 224 px)", log=True)
+        _line_panel(ax, part, "d", title=_titled(kind, id_, notes), xlabel="cut-off d (pixels at 224 px)", log=True)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return True
 
 
-def plot_resolution(tidy: pd.DataFrame, path: Path) -> bool:
-    """Figure 7: AUC vs resolution (C2-resolution)."""
+def plot_resolution(tidy: pd.DataFrame, path: Path, *, notes: Mapping[str, str] | None = None) -> bool:
+    """Figure 7: AUC vs resolution (C2-resolution); ``notes`` as in :func:`plot_cutoff`."""
     part = tidy[(tidy["id"] == "C2-resolution") & (tidy["test_perturbation"] == "") & tidy["resolution"].notna()]
     if part.empty:
         return False
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=100)
-    _line_panel(ax, part, "resolution", title="AUC vs resolution", xlabel="resolution (pixels per side)", log=True)
+    _line_panel(ax, part, "resolution", title=_titled("AUC vs resolution", "C2-resolution", notes),
+                xlabel="resolution (pixels per side)", log=True)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -104,8 +116,9 @@ def _matrix_panel(ax, values: np.ndarray, text: list[list[str]], *, title: str, 
     return im
 
 
-def plot_cell_maps(tidy: pd.DataFrame, path: Path, *, cls: str = "macro") -> bool:
-    """Tables 7 and 8 as 3x3 maps: AUC (and CI) per dropped / kept cell."""
+def plot_cell_maps(tidy: pd.DataFrame, path: Path, *, cls: str = "macro", notes: Mapping[str, str] | None = None
+                   ) -> bool:
+    """Tables 7 and 8 as 3x3 maps: AUC (and CI) per dropped / kept cell; ``notes`` as in :func:`plot_cutoff`."""
     ids = [i for i in ("C4-drop", "C4-keep") if (tidy["id"] == i).any()]
     if not ids:
         return False
@@ -122,16 +135,18 @@ def plot_cell_maps(tidy: pd.DataFrame, path: Path, *, cls: str = "macro") -> boo
             ci = f"\n[{r['ci_lo']:.2f}, {r['ci_hi']:.2f}]" if pd.notna(r["ci_lo"]) else ""
             text[i][j] = f"{r['auc']:.2f}{ci}"
         what = "cell zeroed" if id_ == "C4-drop" else "only cell kept"
-        im = _matrix_panel(ax, vals, text, title=f"{id_}: {what} ({cls} AUC)", xt=[0, 1, 2], yt=[0, 1, 2],
-                           xlabel="column", ylabel="row")
+        im = _matrix_panel(ax, vals, text, title=_titled(f"{id_}: {what} ({cls} AUC)", id_, notes),
+                           xt=[0, 1, 2], yt=[0, 1, 2], xlabel="column", ylabel="row")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="AUC")
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return True
 
 
-def plot_band_maps(tidy: pd.DataFrame, path: Path, *, cls: str = "macro") -> bool:
-    """Supplemental Tables 7 and 8 as d1 x d2 maps of AUC for band-pass and notch."""
+def plot_band_maps(tidy: pd.DataFrame, path: Path, *, cls: str = "macro", notes: Mapping[str, str] | None = None
+                   ) -> bool:
+    """Supplemental Tables 7 and 8 as d1 x d2 maps of AUC for band-pass and notch; ``notes`` as in
+    :func:`plot_cutoff`."""
     ids = [i for i in ("C1-bandpass", "C1-notch") if (tidy["id"] == i).any()]
     if not ids:
         return False
@@ -148,7 +163,8 @@ def plot_band_maps(tidy: pd.DataFrame, path: Path, *, cls: str = "macro") -> boo
             i, j = d1s.index(int(r["d1"])), d2s.index(int(r["d2"]))
             vals[i, j] = r["auc"]
             text[i][j] = f"{r['auc']:.2f}"
-        im = _matrix_panel(ax, vals, text, title=f"{id_} ({cls} AUC)", xt=d2s, yt=d1s, xlabel="d2", ylabel="d1")
+        im = _matrix_panel(ax, vals, text, title=_titled(f"{id_} ({cls} AUC)", id_, notes), xt=d2s, yt=d1s,
+                           xlabel="d2", ylabel="d1")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="AUC")
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
@@ -268,9 +284,11 @@ def plot_flow(flow: pd.DataFrame, path: Path, *, title: str = "") -> bool:
 
 
 def plot_external_matrix(cells: list[dict], path: Path) -> bool:
-    """Table 4 as a heatmap: rows trained on, columns tested on, macro AUC with its CI in each cell;
-    the diagonal (each run's own internal test) outlined and marked "internal"."""
+    """Table 4 as a heatmap: rows trained on, columns tested on, macro AUC with its CI and n (test images) in
+    each cell; the diagonal (each run's own internal test) outlined and marked "internal", as is a cell whose
+    test images are all the row model's internal test images ("internal test of ROW")."""
     from readingrace.experiments.external import matrix_order
+    from readingrace.report.collect import only_internal_test
 
     if not cells:
         return False
@@ -284,6 +302,8 @@ def plot_external_matrix(cells: list[dict], path: Path) -> bool:
             lo, hi = (list(c.get("macro_auc_ci") or [None, None]) + [None, None])[:2]
             ci = f"\n[{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
             text[i][j] = (f"{c['macro_auc']:.2f}{ci}" + ("\ninternal" if c.get("internal") else "")
+                          + (f"\ninternal test of {c['trained_on']}" if only_internal_test(c) else "")
+                          + (f"\nn = {c['n_images']}" if c.get("n_images") is not None else "")
                           + (f"\n{c['seen_left_out']} seen left out" if c.get("seen_left_out") else ""))
         else:
             text[i][j] = "n/a" + ("" if c.get("status") == "done" else f"\n({c.get('status')})")
@@ -292,7 +312,7 @@ def plot_external_matrix(cells: list[dict], path: Path) -> bool:
     im = _matrix_panel(ax, vals, text, title="External validation: macro AUC [95% CI]", xt=cols, yt=rows,
                        xlabel="tested on", ylabel="trained on")
     for c in cells:
-        if c.get("internal"):
+        if c.get("internal") or only_internal_test(c):
             i, j = rows.index(c["trained_on"]), cols.index(c["tested_on"])
             ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2, ls="--"))
     fig.colorbar(im, ax=ax, shrink=0.8, label="macro AUC (colours clipped to 0.5-1)")
@@ -301,13 +321,14 @@ def plot_external_matrix(cells: list[dict], path: Path) -> bool:
     return True
 
 
-def family_figures(tidy: pd.DataFrame, out: Path) -> dict[str, Path]:
-    """Every grid figure the results allow, written into ``out``; returns {name: path}."""
+def family_figures(tidy: pd.DataFrame, out: Path, *, notes: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """Every grid figure the results allow, written into ``out``; returns {name: path}. ``notes`` (experiment
+    id -> "incomplete: k of n points") go under the panel titles of the grids they name."""
     out = Path(out)
     made: dict[str, Path] = {}
     for name, fn in (("C1-cutoff", plot_cutoff), ("C1-band", plot_band_maps), ("C2-resolution", plot_resolution),
                      ("C4-cells", plot_cell_maps)):
         path = out / f"{name}.png"
-        if fn(tidy, path):
+        if fn(tidy, path, notes=notes):
             made[name] = path
     return made

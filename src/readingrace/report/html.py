@@ -24,8 +24,10 @@ import pandas as pd
 
 from readingrace.experiments.rundir import write_atomic
 from readingrace.report.collect import (
-    REPORT_MARK,
+    REPORT_HTML_MARK,
+    REPORT_MD_MARK,
     STRATA_SUFFIX,
+    TEST_TIME_SUFFIX,
     Collected,
     RunRecord,
     collect,
@@ -161,9 +163,17 @@ def markdown_blocks_html(text: str, *, heading: str = "h4") -> str:
     return "\n".join(out)
 
 
+_MD_HEADING = re.compile(r"^(#{1,6})(\s.*)?$")
+
+
 def _demote_markdown(text: str, levels: int = 2) -> str:
-    """Headings of an embedded Markdown document moved ``levels`` down, to sit under the report's own."""
-    return "\n".join("#" * levels + line if line.startswith("#") else line for line in text.splitlines())
+    """Headings of an embedded Markdown document moved ``levels`` down, to sit under the report's own; never
+    below ``######`` (Markdown has six levels: a deeper one would render as text)."""
+    def demote(line: str) -> str:
+        m = _MD_HEADING.match(line)
+        return "#" * min(len(m.group(1)) + levels, 6) + (m.group(2) or "") if m else line
+
+    return "\n".join(demote(line) for line in text.splitlines())
 
 
 def _slice_figure(r: RunRecord, out: Path) -> Path | None:
@@ -178,15 +188,19 @@ def _slice_figure(r: RunRecord, out: Path) -> Path | None:
 
 
 def _run_links(table: pd.DataFrame, tidy: pd.DataFrame, id_: str, out: Path) -> dict[tuple[int, str], str]:
-    """(row, column) -> relative link to the run folder of that number."""
-    part = tidy[(tidy["id"] == id_) & (tidy["test_perturbation"] == "")]
+    """(row, column) -> relative link to the run folder of that number: the run of ``id_`` whose values match the
+    row's in every column the table shares with ``tidy`` (a test-time table: its test-time rows). A row that
+    matches no run, or several, gets no link (never a wrong one)."""
+    test_time = "test_perturbation" in table.columns
+    part = tidy[(tidy["id"] == id_) & ((tidy["test_perturbation"] != "") if test_time
+                                       else (tidy["test_perturbation"] == ""))]
     keys = [c for c in table.columns if c in part.columns and c != "class"]
     links = {}
     for i, row in table.reset_index(drop=True).iterrows():
         sel = part
         for k in keys:
             sel = sel[sel[k].map(_key) == _key(row[k])]
-        if sel.empty:
+        if sel["run_dir"].nunique() != 1:
             continue
         run_dir = sel["run_dir"].iloc[0]
         rel = os.path.relpath(run_dir, out)
@@ -420,13 +434,13 @@ def _write_report(col: Collected, inputs: list[Path], *, out: Path, dest: Path) 
                       | ({"A"} if col.external else set()))
     tables = experiment_tables(tidy, col.runs) if not tidy.empty else {}
     n_done = f"{len(runs)} finished run(s)" + (f" and {len(tabular)} tabular analysis(es) (no images)" if tabular else "")
-    H = [(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><meta name='generator' "
-          f"content='{REPORT_MARK}'><title>readingrace report</title><style>{CSS}</style></head><body>"),
+    H = [(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{REPORT_HTML_MARK}"
+          f"<title>readingrace report</title><style>{CSS}</style></head><body>"),
          "<h1>readingrace report</h1>",
          (f"<p>{n_done}; every AUC is given with its 95% confidence interval and links to the "
          "run folder that produced it. Image galleries show pixels: burned-in annotations in the source images "
          "would show too.</p>")]
-    M = [f"<!-- {REPORT_MARK} -->", "# readingrace report", "", f"{n_done}; every AUC with its 95% CI.", ""]
+    M = [REPORT_MD_MARK.rstrip("\n"), "# readingrace report", "", f"{n_done}; every AUC with its 95% CI.", ""]
     pending = col.pending_note()
     if pending:  # another shard (or the rest of an interrupted suite) not run yet: the tables are partial
         H.append(f"<p class='note'><strong>{html.escape(pending)}</strong> See <a href='#not-run'>Not run</a>.</p>")
@@ -445,13 +459,14 @@ def _write_report(col: Collected, inputs: list[Path], *, out: Path, dest: Path) 
         M += [f"## {title}", ""] + ([f"Laid out like the paper's {paper}.", ""] if paper else [])
         for id_ in sorted({r.id for r in fam_runs}):
             r0 = next(r for r in fam_runs if r.id == id_)
-            for key in (id_, f"{id_} (test-time)", id_ + STRATA_SUFFIX):
+            grid = col.grid_note(id_)  # "incomplete: k of n points": other shards not run, runs failed
+            for key in (id_, id_ + TEST_TIME_SUFFIX, id_ + STRATA_SUFFIX):
                 if key not in tables:
                     continue
                 t = tables[key]
                 short = r0.title and len(r0.title) <= HEADING_TITLE_MAX
-                head = f"{key}: {r0.title}" if short else key
-                links = _run_links(t, tidy, id_, out) if key == id_ else {}
+                head = (f"{key}: {r0.title}" if short else key) + (f" ({grid})" if grid else "")
+                links = _run_links(t, tidy, id_, out)
                 H.append(f"<h3 id='exp-{html.escape(key.replace(' ', '-'))}'>{html.escape(head)}</h3>")
                 if r0.title and not short and key == id_:  # a config's description: once, under the heading
                     H.append(f"<p class='note'>{html.escape(r0.title)}</p>")
@@ -530,13 +545,15 @@ def _write_report(col: Collected, inputs: list[Path], *, out: Path, dest: Path) 
 
 
 def _external_section(col: Collected, out: Path) -> tuple[str, str]:
-    """A1-ext: each external-validation matrix (rows trained on, columns tested on, macro AUC [CI]),
+    """A1-ext: each external-validation matrix (rows trained on, columns tested on, macro AUC [CI], n),
     every cell linked to its folder, its notes, and the heatmap."""
     from readingrace.experiments.external import matrix_table
 
     what = "External validation: trained on one dataset, tested on another"
-    note = ("Macro AUC [95% CI]; rows: trained on, columns: tested on; the diagonal (internal) is each run's "
-            "own test split. Each cell links to its folder.")
+    note = ("Macro AUC [95% CI] and n, the number of test images; rows: trained on, columns: tested on; the "
+            "diagonal (internal) is each run's own test split, and a cell marked \"internal test of ROW\" holds only "
+            "that model's own internal test images (all others were seen in training and left out): not an "
+            "external test. Each cell links to its folder.")
     h = [f"<section id='external-validation'><h3>{html.escape(what)}</h3>", f"<p class='note'>{note}</p>"]
     m = [f"### {what}", "", note, ""]
     for title, cells in col.external.items():
