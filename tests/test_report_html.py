@@ -15,7 +15,7 @@ import yaml
 
 from readingrace.cohort.manifest import Manifest
 from readingrace.config import ExperimentConfig
-from readingrace.report.collect import collect
+from readingrace.report.collect import RunRecord, collect
 from readingrace.report.html import write_report
 
 CLASSES = ["Female", "Male"]
@@ -778,3 +778,19 @@ def test_a_grid_with_points_of_other_shards_missing_says_so(tmp_path, monkeypatc
     assert (tmp_path / "c2" / "C2-resolution.md").read_text().startswith(f"C2-resolution: {note}\n\n| dataset |")
     md = write_report([out], out=tmp_path / "rep")["markdown"].read_text()
     assert f"### C2-resolution: Resolution: images downsampled (anti-aliased) and trained on ({note})" in md
+
+
+def test_methods_say_which_runs_used_which_setting():
+    from readingrace.report.html import methods_text
+
+    def record(seeds: list[int], epochs: int) -> RunRecord:
+        cfg = ExperimentConfig()
+        cfg.cohort.target, cfg.train.seeds, cfg.train.max_epochs = "sex", seeds, epochs
+        return RunRecord(run_dir=Path("."), id="A1", family="A", title="", paper="", dataset="nih", attribute="sex",
+                         label="baseline", point={}, metrics={}, config=cfg.to_dict())
+
+    text = methods_text([record([2021], 5), record([2021], 5), record([2021, 2022, 2023], 40)])
+    assert "training seed(s) 2021 (2 runs); 2021, 2022, 2023 (1 run);" in text
+    assert "at most 5 (2 runs); 40 (1 run) epochs" in text
+    same = methods_text([record([2021], 5), record([2021], 5)])
+    assert "training seed(s) 2021;" in same and "at most 5 epochs" in same and "run)" not in same

@@ -16,6 +16,7 @@ import importlib.metadata
 import os
 import re
 import subprocess
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -257,11 +258,11 @@ def methods_text(runs: list[RunRecord]) -> str:
     cfgs = [r.config for r in runs if r.config]
     pick = lambda f: sorted({str(f(c)) for c in cfgs})
     models = pick(lambda c: c["model"]["name"])
-    sizes = pick(lambda c: c["image"]["size"])
-    ratios = pick(lambda c: c["split"]["ratios"])
-    seeds = pick(lambda c: c["train"]["seeds"])
-    epochs = pick(lambda c: c["train"]["max_epochs"])
-    boot = pick(lambda c: c["evaluate"]["n_bootstrap"])
+    sizes = [str(v) for v in sorted({c["image"]["size"] for c in cfgs})]
+    ratios = [_per_run(cfgs, lambda c: c["split"]["ratios"])]
+    seeds = [_per_run(cfgs, lambda c: ", ".join(str(s) for s in c["train"]["seeds"]))]
+    epochs = [_per_run(cfgs, lambda c: c["train"]["max_epochs"])]
+    boot = [_per_run(cfgs, lambda c: c["evaluate"]["n_bootstrap"])]
     weights = sorted({Path(c["model"]["weights"]).name if c["model"].get("weights") else "random initialisation"
                       for c in cfgs})
     aug = pick(lambda c: augmentation_text(c["train"]["augment"]))
@@ -269,10 +270,10 @@ def methods_text(runs: list[RunRecord]) -> str:
     return (f"We trained {len(runs)} model(s) to predict {_trained_for(runs)} from images of {_datasets_text(runs)}. "
             f"Architectures: {', '.join(models)} ({', '.join(weights)}), input {', '.join(sizes)} px, "
             f"augmentation: {'; '.join(aug)}. Patients were split (by patient, stratified by the target) with ratios "
-            f"{', '.join(ratios)} and split seed {', '.join(pick(lambda c: c['split']['seed']))}; training seed(s) "
-            f"{', '.join(seeds)}; Adam (lr {', '.join(pick(lambda c: c['train']['lr']))}), at most {', '.join(epochs)} "
+            f"{', '.join(ratios)} and split seed {_per_run(cfgs, lambda c: c['split']['seed'])}; training seed(s) "
+            f"{', '.join(seeds)}; Adam (lr {_per_run(cfgs, lambda c: c['train']['lr'])}), at most {', '.join(epochs)} "
             f"epochs with early stopping on validation loss (patience "
-            f"{', '.join(pick(lambda c: c['train']['early_stopping_patience']))}), the best checkpoint tested. "
+            f"{_per_run(cfgs, lambda c: c['train']['early_stopping_patience'])}), the best checkpoint tested. "
             f"One-vs-rest ROC-AUC per class on the held-out test split with 95% confidence intervals by "
             f"patient-clustered bootstrap ({', '.join(boot)} replicates). "
             + (("Disease models: per-finding ROC-AUC, and per group the AUC, TPR, FPR and underdiagnosis rate at one "
@@ -284,6 +285,14 @@ def methods_text(runs: list[RunRecord]) -> str:
                "saw, perturbed where the run perturbs them; C chosen on the validation split) shows what coarse "
                "intensity and shape alone give."
                if any(c.get("evaluate", {}).get("reference") for c in cfgs) else ""))
+
+
+def _per_run(cfgs: list[dict[str, Any]], value: Callable[[dict[str, Any]], Any]) -> str:
+    """One setting across runs: "5" when all agree, else "5 (60 runs); 20 (2 runs)", most common first."""
+    counts = Counter(str(value(c)) for c in cfgs)
+    if len(counts) <= 1:
+        return next(iter(counts), "?")
+    return "; ".join(f"{v} ({n} run{'s' if n > 1 else ''})" for v, n in counts.most_common())
 
 
 def _trained_for(runs: list[RunRecord]) -> str:
