@@ -186,3 +186,40 @@ def test_ctrl_c_outside_training_prints_the_line_and_exits_130(monkeypatch, caps
     monkeypatch.setattr(readingrace.config, "load_config", interrupted)
     assert main(["run", "whatever.yaml"]) == 130
     assert "interrupted; run the same command again" in capsys.readouterr().err
+
+
+# -- reuse needs the same data: the cohort is rebuilt (memoised within the process) ---------------------------
+def test_build_cohort_is_memoised_returns_copies_and_notices_changed_files(tmp_path: Path, monkeypatch) -> None:
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    import readingrace.cohort.build as build
+    from readingrace.config import CohortConfig
+
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    rows = [{"path": f"img/{p}.png", "patient_id": f"P{p}", "sex": "FM"[p % 2]} for p in range(8)]
+    pd.DataFrame(rows).to_csv(data / "cohort.csv", index=False)
+    for p in range(8):
+        Image.fromarray(np.full((8, 8), 20 * p + 10, dtype=np.uint8)).save(data / f"img/{p}.png")
+    loads = []
+    real = build.get_loader
+    monkeypatch.setattr(build, "get_loader", lambda source: loads.append(source) or real(source))
+    cfg = CohortConfig(source="csv", target="sex", options={"csv": "cohort.csv"})
+
+    first, manifest = build.build_cohort(cfg, data_root=data)
+    first.loc[0, "sex"] = "X"  # a caller's change must not reach the memo
+    manifest.warn("mine")
+    second, manifest2 = build.build_cohort(cfg, data_root=str(data / "img" / ".."))  # the same folder
+    assert len(loads) == 1 and second.loc[0, "sex"] == "F" and "mine" not in manifest2.warnings
+    fewer, _ = build.build_cohort(CohortConfig(source="csv", target="sex", options={"csv": "cohort.csv"},
+                                               max_images=6), data_root=data)
+    assert len(fewer) == 6 and len(loads) == 1  # another cohort of the same source: built, the source read once
+    (data / "img" / "7.png").unlink()  # an image gone: read and built again
+    third, _ = build.build_cohort(cfg, data_root=data)
+    assert len(loads) == 2 and len(third) == 7
+    pd.DataFrame([{**r, "sex": "M"} if r["patient_id"] == "P0" else r for r in rows]).to_csv(data / "cohort.csv",
+                                                                                          index=False)
+    fourth, _ = build.build_cohort(cfg, data_root=data)  # the metadata edited: read and built again
+    assert len(loads) == 3 and fourth.loc[fourth["patient_id"] == "P0", "sex"].item() == "M"

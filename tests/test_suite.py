@@ -112,6 +112,19 @@ def test_bad_input_messages():
         expand_suite(PAPER, data={"nih": "/x"}, budget="huge")
     with pytest.raises(ConfigError, match="--only"):
         expand_suite(PAPER, data={"nih": "/x"}, only=["Z9"])
+    with pytest.raises(ConfigError, match=r"--data nih is given twice \(nih=/a and nih=/b\); give each dataset once"):
+        parse_data(["nih=/a", "nih=/b"], {"nih": {}})
+
+
+@pytest.mark.parametrize(("attribute", "hint"), [("Race", "; did you mean 'race'?"), ("bmi", "")])
+def test_unknown_attribute_is_an_error_naming_the_allowed_ones(tmp_path, attribute, hint):
+    for dry_run in (True, False):
+        with pytest.raises(ConfigError) as err:
+            run_suite(PAPER, data={"nih": str(tmp_path)}, out=tmp_path / "out", budget="small", attribute=attribute,
+                      only=("A1",), dry_run=dry_run, say=lambda m: None)
+        assert str(err.value) == (f"--attribute {attribute!r}: not an attribute of the suite's datasets; choose one "
+                                  f"of age_group | race | sex{hint}")
+    assert not (tmp_path / "out").exists()
 
 
 # -- controls: planted signals on generated cohorts ---------------------------------------------------
@@ -292,6 +305,50 @@ def test_ctrl_c_in_training_is_recorded_as_interrupted(tmp_path, monkeypatch):
                   only=("A1",), say=lambda m: None)
     (entry,) = json.loads((tmp_path / "out" / "suite.json").read_text())["entries"]
     assert entry["status"] == "interrupted" and "rerun the same command" in entry["reason"]
+
+
+# -- reuse only for the same data ---------------------------------------------------------------------------
+def _csv_suite(tmp_path: Path) -> tuple[Path, Path, list[dict]]:
+    """A one-experiment suite over a CSV cohort of 12 patients (tiny images; trains in seconds)."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    rows = [{"path": f"img/p{p:03d}.png", "patient_id": f"P{p:03d}", "race": ("Asian", "Black", "White")[p % 3]}
+            for p in range(12)]
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(data / "cohort.csv", index=False)
+    for i, row in enumerate(rows):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16), dtype=np.uint8)).save(data / row["path"])
+    folder = tmp_path / "suite-csv"
+    folder.mkdir()
+    (folder / "_datasets.yaml").write_text("site: {kind: cxr, source: csv, attributes: [race, sex]}\n")
+    cfg = {"suite": {"id": "T1", "needs": ["cxr"]},
+           "cohort": {"target": "race", "options": {"csv": "cohort.csv"}},
+           "split": {"ratios": [0.5, 0.25, 0.25]}, "image": {"size": 16}, "model": {"name": "resnet-tiny"},
+           "train": {"batch_size": 8, "max_epochs": 1, "seeds": [2021], "num_threads": 1,
+                     "augment": {"flip": False, "rotate": 0, "zoom": 0}},
+           "evaluate": {"n_bootstrap": 20, "reference": False}}
+    (folder / "t1.yaml").write_text(json.dumps(cfg))
+    return folder, data, rows
+
+
+def test_finished_run_is_not_reused_for_changed_data(tmp_path):
+    folder, data, rows = _csv_suite(tmp_path)
+    kw = dict(data={"site": str(data)}, out=tmp_path / "out", say=lambda m: None)
+    first = run_suite(folder, **kw)
+    assert first["counts"] == {"done": 1} and first["entries"][0]["reused"] is False
+    again = run_suite(folder, **kw)
+    assert again["counts"] == {"done": 1} and again["entries"][0]["reused"] is True
+    for row in rows[:3]:
+        (data / row["path"]).unlink()
+    changed = run_suite(folder, **kw)
+    (entry,) = changed["entries"]
+    assert changed["counts"] == {"failed": 1}
+    assert entry["reason"].startswith(f"{tmp_path / 'out' / entry['run_dir']}: the cohort differs from the one this "
+                                      "run was trained on: 12 images then, 9 now (3 gone, 0 new; e.g. gone: ")
+    assert entry["reason"].endswith("); use another --out, or --force to redo")
 
 
 # -- A1-ext: external validation cells ----------------------------------------------------------------

@@ -20,7 +20,16 @@ import pytest
 from readingrace.errors import LeakageError, SplitError
 from readingrace.split import check_no_leakage, split_patients
 
-from .conftest import assert_user_error, cohort_rows, csv_config, make_dataset, tree_hashes, write_config
+from .conftest import (
+    assert_user_error,
+    cohort_rows,
+    csv_config,
+    make_dataset,
+    tree_hashes,
+    write_config,
+    write_csv,
+    write_images,
+)
 
 
 def run_cmd(cli, ds, out: Path, *extra: object):
@@ -68,6 +77,29 @@ def test_missing_data_root(cli, tmp_path: Path) -> None:
     ds = make_dataset(tmp_path)
     res = cli("run", ds.config, "--data-root", tmp_path / "nowhere", "--out", tmp_path / "out")
     assert_user_error(res, "data folder not found", "nowhere")
+
+
+# -- input files named by the config: checked before anything is trained or written -------------------------
+@pytest.mark.parametrize(("setting", "key", "relative"), [
+    ({"model": {"name": "resnet-tiny", "weights": "pretrained/tiny.pt"}}, "model.weights", "pretrained/tiny.pt"),
+    ({"evaluate": {"lungs": {"unet_pairs": "masks/pairs.csv"}}}, "evaluate.lungs.unet_pairs", "masks/pairs.csv"),
+    ({"evaluate": {"lungs": {"masks_csv": "masks/masks.csv"}}}, "evaluate.lungs.masks_csv", "masks/masks.csv"),
+])
+def test_missing_input_file_is_named_before_training(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     setting: dict, key: str, relative: str) -> None:
+    ds = make_dataset(tmp_path, config=csv_config(**setting))
+    monkeypatch.chdir(tmp_path)  # relative config paths are relative to the current folder
+    assert_user_error(run_cmd(cli, ds, tmp_path / "out"), f"{key}: file not found: {tmp_path / relative}",
+                      f"relative to the current folder {tmp_path}")
+    assert not (tmp_path / "out").exists()  # nothing trained or written
+
+
+def test_unparsable_lung_pairs_file_is_refused_before_training(cli, tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("picture,outline\na.png,a_mask.png\n")
+    ds = make_dataset(tmp_path, config=csv_config(evaluate={"lungs": {"unet_pairs": str(pairs)}}))
+    assert_user_error(run_cmd(cli, ds, tmp_path / "out"), str(pairs), "needs columns image_path, mask_path")
+    assert not (tmp_path / "out").exists()
 
 
 # -- run folders ------------------------------------------------------------------------------------------
@@ -222,3 +254,30 @@ def test_unreadable_image_is_recorded_and_run_completes(cli, tmp_path: Path) -> 
     res2 = cli("run", other, "--data-root", ds.root, "--out", out)
     assert_user_error(res2, "holds a run of a different config")
     assert (out / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_finished_or_interrupted_run_on_changed_data_is_refused(cli, tmp_path: Path) -> None:
+    """Results are reused, and an interrupted run resumed, only for the cohort it was trained on."""
+    rows = cohort_rows(12)
+    ds = make_dataset(tmp_path, rows)
+    out = tmp_path / "out"
+    assert run_cmd(cli, ds, out).code == 0
+    again = run_cmd(cli, ds, out)
+    assert again.code == 0 and f"results already in {out}" in again.err + again.out  # same data: reused
+    metrics = (out / "metrics.json").read_text()
+    for row in rows[:3]:  # three images gone from the data folder (the metadata CSV unchanged)
+        (ds.root / row["path"]).unlink()
+    msg = assert_user_error(run_cmd(cli, ds, out), f"{out}: the cohort differs from the one this run was trained on",
+                            "12 images then, 9 now (3 gone, 0 new", "another --out, or --force to redo")
+    assert "e.g. gone: img/p000_0.png" in msg and (out / "metrics.json").read_text() == metrics
+    (out / "metrics.json").unlink()  # as if interrupted: checkpoints but no metrics
+    assert_user_error(run_cmd(cli, ds, out), "12 images then, 9 now (3 gone, 0 new")
+    # the same images, but two patients' labels swapped in the CSV
+    write_images(ds.root, rows)
+    swap = {"P001": "White", "P002": "Black"}
+    write_csv(ds.csv, [{**r, "race": swap.get(r["patient_id"], r["race"])} for r in rows])
+    assert_user_error(run_cmd(cli, ds, out), "12 images then, 12 now (0 gone, 0 new, 2 with another patient_id or race")
+    forced = run_cmd(cli, ds, out, "--force")
+    assert forced.code == 0, forced.err
+    assert pd.read_csv(out / "cohort.csv").set_index("patient_id").loc["P001", "race"] == "White"

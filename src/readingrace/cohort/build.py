@@ -6,7 +6,12 @@ each is recorded in the manifest with images and patients before and after.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
+import os
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -76,12 +81,98 @@ def default_data_root(cfg: CohortConfig) -> Path:
     raise CohortError(f"cohort source {cfg.source!r} needs a data folder: pass --data-root or set cohort.data_root")
 
 
+#: Memos of this process, each key -> (stamp of the data, table, manifest): sources read, keyed by
+#: (source, options, data root), and cohorts built, keyed by (cohort config, data root).
+_READ: OrderedDict[tuple[str, ...], tuple[tuple, pd.DataFrame, Manifest]] = OrderedDict()
+_BUILT: OrderedDict[tuple[str, ...], tuple[tuple, pd.DataFrame, Manifest]] = OrderedDict()
+_MEMO_MAX = 32
+
+
 def build_cohort(cfg: CohortConfig, *, data_root: str | Path | None = None) -> tuple[pd.DataFrame, Manifest]:
-    """Cohort table (one row per image, no split yet) and its manifest."""
-    t0 = time.perf_counter()
+    """Cohort table (one row per image, no split yet) and its manifest.
+
+    Memoised within the process by (cohort config, resolved data root), and the source's table by (source,
+    options, data root), while the data's files look unchanged (:func:`data_stamp`): a suite reads each
+    dataset and builds each distinct cohort once. Callers get copies they may change.
+    """
     root = Path(data_root or cfg.data_root or default_data_root(cfg)).resolve()
-    manifest = Manifest(source=cfg.source)
-    df = conform(get_loader(cfg.source)(dict(cfg.options), root, manifest))
+    key = (json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str), str(root))
+    built = _recall(_BUILT, key, cfg, root)
+    if built is None:
+        built = _remember(_BUILT, key, cfg, root, *_build_cohort(cfg, root))
+    return built
+
+
+def _recall(memo: OrderedDict, key: tuple[str, ...], cfg: CohortConfig, root: Path
+            ) -> tuple[pd.DataFrame, Manifest] | None:
+    """Copies of a memoised table and manifest, or None when absent or the data changed since."""
+    hit = memo.get(key)
+    if hit is None or hit[0] != data_stamp(cfg, root, hit[1]["path"]):
+        return None
+    memo.move_to_end(key)
+    return hit[1].copy(), _copy_manifest(hit[2])
+
+
+def _remember(memo: OrderedDict, key: tuple[str, ...], cfg: CohortConfig, root: Path, df: pd.DataFrame,
+              manifest: Manifest) -> tuple[pd.DataFrame, Manifest]:
+    memo[key] = (data_stamp(cfg, root, df["path"]), df.copy(), _copy_manifest(manifest))
+    while len(memo) > _MEMO_MAX:
+        memo.popitem(last=False)
+    return df, manifest
+
+
+def _copy_manifest(m: Manifest) -> Manifest:
+    """A copy whose lists, mappings and records are new objects (far faster than deepcopy for 1000s of skips)."""
+    return dataclasses.replace(
+        m, inputs=[dict(d) for d in m.inputs], flow=[copy.copy(s) for s in m.flow],
+        skipped=[copy.copy(s) for s in m.skipped], mappings={k: dict(v) for k, v in m.mappings.items()},
+        warnings=list(m.warnings), counts=copy.deepcopy(m.counts), unlisted_skips=dict(m.unlisted_skips))
+
+
+def _read_source(cfg: CohortConfig, root: Path) -> tuple[pd.DataFrame, Manifest]:
+    """The source's table (conformed) and the manifest of reading it; memoised like the cohort."""
+    key = (cfg.source, json.dumps(cfg.options, sort_keys=True, default=str), str(root))
+    read = _recall(_READ, key, cfg, root)
+    if read is None:
+        manifest = Manifest(source=cfg.source)
+        df = conform(get_loader(cfg.source)(dict(cfg.options), root, manifest))
+        read = _remember(_READ, key, cfg, root, df, manifest)
+    return read
+
+
+def data_stamp(cfg: CohortConfig, root: Path, paths: pd.Series) -> tuple:
+    """(path, mtime, size) of what a cohort is read from: the data root and the files directly in it, the
+    folders holding the cohort's images (and their parents), and files or folders named by cohort.options.
+
+    An image added or removed changes its folder's time, an edited metadata file its own; cheap (no
+    recursive walk), so a memoised cohort is checked on every use.
+    """
+    seen: set[str] = set()
+    for folder in {os.path.dirname(str(p)) for p in paths}:
+        while folder and folder not in seen:
+            seen.add(folder)
+            parent = os.path.dirname(folder)
+            folder = parent if parent != folder else ""
+    named = [v for v in cfg.options.values() if isinstance(v, str) and v]
+    candidates = [root, *seen, *(p if Path(p).is_absolute() else root / p for p in named)]
+    try:
+        candidates += [e.path for e in os.scandir(root) if not e.is_dir()]
+    except OSError:
+        pass
+    stamp = []
+    for p in sorted({str(c) for c in candidates}):
+        try:
+            st = os.stat(p)
+        except OSError:
+            stamp.append((p, None, None))
+            continue
+        stamp.append((p, st.st_mtime_ns, st.st_size))
+    return tuple(stamp)
+
+
+def _build_cohort(cfg: CohortConfig, root: Path) -> tuple[pd.DataFrame, Manifest]:
+    t0 = time.perf_counter()
+    df, manifest = _read_source(cfg, root)
     df = add_derived_columns(df)
     if cfg.views:
         views = [v.upper() for v in cfg.views]

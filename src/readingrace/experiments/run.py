@@ -26,7 +26,7 @@ from readingrace import __version__
 from readingrace.cohort.build import build_cohort
 from readingrace.cohort.manifest import Manifest
 from readingrace.config import ExperimentConfig, cache_home
-from readingrace.errors import CohortError, RunError, SplitError
+from readingrace.errors import CohortError, ConfigError, RunError, SplitError
 from readingrace.experiments.rundir import RunLock, clean_nan, write_atomic, write_json
 from readingrace.split import check_no_leakage, split_patients, split_sizes
 
@@ -112,6 +112,71 @@ def check_data_root(cfg: ExperimentConfig, data_root: str | Path | None) -> str 
     return root
 
 
+def check_inputs(cfg: ExperimentConfig) -> None:
+    """Every input file the config names (model weights, lung masks, pairs and U-Net) exists, and the lung mask
+    lists parse: checked before anything is trained or written. Relative paths are relative to the current folder."""
+    lungs = cfg.evaluate.lungs
+    named = {"model.weights": cfg.model.weights, "evaluate.lungs.masks_csv": lungs.masks_csv,
+             "evaluate.lungs.unet_pairs": lungs.unet_pairs, "evaluate.lungs.unet_weights": lungs.unet_weights}
+    for key, value in named.items():
+        path = Path(value or "")
+        if value and not path.is_file():
+            note = "" if path.is_absolute() else f" ({value!r} is relative to the current folder {Path.cwd()})"
+            raise ConfigError(f"{key}: file not found: {path.resolve()}{note}")
+    if lungs.masks_csv or lungs.unet_pairs:
+        from readingrace.explain.lungs import read_masks_csv, read_pairs_csv
+
+        if lungs.masks_csv:
+            read_masks_csv(lungs.masks_csv)
+        if lungs.unet_pairs:
+            read_pairs_csv(lungs.unet_pairs)
+
+
+def check_same_cohort(run_dir: Path, cohort: pd.DataFrame, *, target: str) -> None:
+    """Refuse a run folder whose ``cohort.csv`` lists other images (or other patients or target values) than
+    ``cohort`` (the cohort built now, before images are decoded): its results belong to other data."""
+    recorded = run_dir / "cohort.csv"
+    if not recorded.is_file():
+        return
+    columns = ["image_id", "patient_id", target]
+    try:
+        old = pd.read_csv(recorded, usecols=columns, dtype=str, keep_default_na=False)
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise RunError(f"{recorded}: cannot be read to compare the cohort ({exc}); use another --out, or --force "
+                       "to redo") from None
+    then = set(old["image_id"])
+    manifest = run_dir / "manifest.json"
+    if manifest.is_file():  # images the run could not decode are not in cohort.csv, but were in its cohort
+        try:
+            skipped = json.loads(manifest.read_text()).get("skipped", [])
+        except (ValueError, OSError):
+            skipped = []
+        then |= {str(s.get("item")) for s in skipped if isinstance(s, dict) and s.get("stage") == "image"}
+    now = cohort[columns].astype(str)
+    now_ids = set(now["image_id"])
+    gone, new = then - now_ids, now_ids - then
+    both = old.merge(now, on="image_id", suffixes=("_then", "_now"))
+    relabelled = int(((both["patient_id_then"] != both["patient_id_now"])
+                      | (both[f"{target}_then"] != both[f"{target}_now"])).sum())
+    if not gone and not new and not relabelled:
+        return
+    changed = f", {relabelled} with another patient_id or {target}" if relabelled else ""
+    example = sorted(gone)[:1] or sorted(new)[:1]
+    raise RunError(f"{run_dir}: the cohort differs from the one this run was trained on: {len(then)} images then, "
+                   f"{len(now_ids)} now ({len(gone)} gone, {len(new)} new{changed}"
+                   + (f"; e.g. {'gone' if gone else 'new'}: {example[0]}" if example else "")
+                   + "); use another --out, or --force to redo")
+
+
+def _recorded_fingerprint(run_dir: Path) -> str | None:
+    """The fingerprint in a run folder's ``config.yaml`` (None when unreadable); libyaml when installed (fast)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        return (yaml.load((run_dir / "config.yaml").read_text(), Loader=loader) or {}).get("fingerprint")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+
+
 def _check_run_dir(run_dir: Path, cfg: ExperimentConfig, force: bool,
                    say: Callable[[str], None] = print) -> dict | None:
     """Existing results for the same config (or None); refuse to mix configs in one folder.
@@ -171,9 +236,16 @@ def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data
                         cfg=cfg.train, seed=seed, out_dir=run_dir / f"seed-{seed}", weights=cfg.model.weights,
                         perturb=cfg.perturb.train)
         return {}
-    check_data_root(cfg, data_root)  # before the run folder is touched
+    # before the run folder is touched: the data folder, the files the config names (not needed to report a
+    # finished run) and the cohort (memoised: prepare() reuses it), compared below with the run's cohort.csv
+    root = check_data_root(cfg, data_root)
+    if force or not ((run_dir / "metrics.json").is_file() and _recorded_fingerprint(run_dir) == cfg.fingerprint()):
+        check_inputs(cfg)
+    cohort_now, _ = build_cohort(cfg.cohort, data_root=root)
     with RunLock(run_dir):
         existing = _check_run_dir(run_dir, cfg, force, say)
+        if has_results(run_dir):  # a finished or interrupted run of this config: the same data?
+            check_same_cohort(run_dir, cohort_now, target=cfg.cohort.target)
         if existing is not None:
             say(f"results already in {run_dir} (use --force to redo)")
             return existing

@@ -185,7 +185,7 @@ def load_specs(folder: str | Path) -> list[SuiteSpec]:
 
 
 def parse_data(items: Iterable[str], datasets: dict[str, Any]) -> dict[str, str]:
-    """``["nih=/data/nih"]`` -> ``{"nih": "/data/nih"}``, checking each name is a known dataset."""
+    """``["nih=/data/nih"]`` -> ``{"nih": "/data/nih"}``, checking each name is a known dataset, given once."""
     out: dict[str, str] = {}
     for item in items:
         if "=" not in item:
@@ -194,8 +194,22 @@ def parse_data(items: Iterable[str], datasets: dict[str, Any]) -> dict[str, str]
         if name not in datasets:
             raise ConfigError(f"--data {item!r}: unknown dataset {name!r}; known: {sorted(datasets)} "
                               "(add one to _datasets.yaml of the suite)")
+        if name in out:
+            raise ConfigError(f"--data {name} is given twice ({name}={out[name]} and {name}={path}); give each "
+                              "dataset once")
         out[name] = path
     return out
+
+
+def check_attribute(attribute: str | None, datasets: dict[str, Any]) -> None:
+    """``--attribute`` must be one the suite's datasets record (``attributes`` in ``_datasets.yaml``)."""
+    if attribute is None or not datasets or any("attributes" not in (d or {}) for d in datasets.values()):
+        return  # a dataset without a list of attributes accepts any target
+    allowed = sorted({a for d in datasets.values() for a in d["attributes"]})
+    if attribute not in allowed:
+        hint = next((f"; did you mean {a!r}?" for a in allowed if a.lower() == attribute.lower()), "")
+        raise ConfigError(f"--attribute {attribute!r}: not an attribute of the suite's datasets; choose one of "
+                          f"{' | '.join(allowed)}{hint}")
 
 
 def check_data_paths(data: dict[str, str], datasets: dict[str, Any]) -> None:
@@ -514,8 +528,10 @@ def run_suite(folder: str | Path, *, data: dict[str, str], out: str | Path, budg
     from readingrace.experiments.rundir import write_json
 
     out = Path(out)
+    datasets = _read_side(resolve_suite_dir(folder), "_datasets.yaml")
+    check_attribute(attribute, datasets)
     if dry_run:  # a real run reports a missing data folder per run (failed, with the reason)
-        check_data_paths(data, _read_side(resolve_suite_dir(folder), "_datasets.yaml"))
+        check_data_paths(data, datasets)
     plan = expand_suite(folder, data=data, budget=budget, attribute=attribute, only=only, overrides=overrides)
     runs = shard(plan.runs, *shard_) if shard_ else plan.runs
     # external cells read trained runs: after every training run of this call
