@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from readingrace.config import config_from_dict
+from readingrace.errors import RunError
 from readingrace.experiments.a3 import run_a3
 
 NF = "No Finding"
@@ -74,3 +75,9 @@ def test_a3_probe_finds_the_attribute_only_when_the_disease_model_carries_it(tmp
     # a rerun reports the finished run without recomputing
     again = run_a3(config_from_dict(_config()), out=out, data_root=data, say=lambda s: None)
     assert again == json.loads((out / "metrics.json").read_text())
+    # ... but not for other data: a cohort table with two images fewer is refused, not answered from the old run
+    if tie_to_sex:
+        table = pd.read_csv(data / "cohort.csv")
+        table.iloc[2:].to_csv(data / "cohort.csv", index=False)
+        with pytest.raises(RunError, match="the cohort differs from the one this run was trained on"):
+            run_a3(config_from_dict(_config()), out=out, data_root=data, say=lambda s: None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -128,6 +129,16 @@ def test_rerun_reuses_results_and_foreign_folders_are_refused(finished, tmp_path
     cfg_file = tmp_path / "disease.yaml"
     cfg_file.write_text(yaml.safe_dump(_config()))
     assert main(["disease", str(cfg_file), "--data-root", str(data), "--out", str(run_dir)]) == 0
+
+
+def test_a_finished_run_is_not_reused_for_changed_data(finished, tmp_path):
+    data, run_dir, _m, _ = finished
+    changed = tmp_path / "data"
+    shutil.copytree(data, changed)
+    table = pd.read_csv(changed / "cohort.csv")
+    table.iloc[2:].to_csv(changed / "cohort.csv", index=False)  # two images fewer
+    with pytest.raises(RunError, match=r"the cohort differs from the one this run was trained on: \d+ images then"):
+        run_disease(config_from_dict(_config()), out=run_dir, data_root=changed, say=lambda s: None)
 
 
 def test_bad_inputs_fail_before_training(tmp_path):

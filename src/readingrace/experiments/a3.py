@@ -49,6 +49,10 @@ def run_a3(cfg: ExperimentConfig, *, out: str | Path, data_root: str | Path | No
 
     run_dir = Path(out)
     t0 = time.perf_counter()
+    from readingrace.cohort.build import build_cohort
+    from readingrace.experiments.run import check_data_root, check_same_cohort
+
+    cohort_now, _ = build_cohort(cfg.cohort, data_root=check_data_root(cfg, data_root))  # memoised
     with RunLock(run_dir):
         cfg_path = run_dir / "config.yaml"
         if cfg_path.is_file():
@@ -56,6 +60,8 @@ def run_a3(cfg: ExperimentConfig, *, out: str | Path, data_root: str | Path | No
             if old.get("fingerprint") != cfg.fingerprint() and not force:
                 raise RunError(f"{run_dir} holds an A3 run of a different config; use another folder or --force")
             if (run_dir / "metrics.json").is_file() and not force:
+                for stage in ("direct", "pathology"):  # the same data as when the probes were fitted?
+                    check_same_cohort(run_dir / stage, cohort_now, target=cfg.cohort.target)
                 say(f"results already in {run_dir}")
                 return json.loads((run_dir / "metrics.json").read_text())
         write_atomic(cfg_path, yaml.safe_dump({"kind": "a3", "fingerprint": cfg.fingerprint(),

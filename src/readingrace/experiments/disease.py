@@ -124,8 +124,15 @@ def run_disease(cfg: ExperimentConfig, *, out: str | Path | None = None, data_ro
     labels = disease_labels(dcfg)
     run_dir = Path(out) if out else (Path(cfg.out) if cfg.out else Path("runs") / cfg.name)
     t_start = time.perf_counter()
+    from readingrace.cohort.build import build_cohort
+    from readingrace.experiments.run import check_data_root, check_same_cohort, has_results
+
+    cohort_now, _ = build_cohort(cfg.cohort, data_root=check_data_root(cfg, data_root))  # memoised
     with RunLock(run_dir):
         existing = _check_run_dir(run_dir, cfg, force)
+        started = has_results(run_dir) or next(run_dir.glob("model/checkpoints/*.ckpt"), None) is not None
+        if not force and started:  # a finished or interrupted run of this config: the same data?
+            check_same_cohort(run_dir, cohort_now, target=cfg.cohort.target)
         if existing is not None:
             say(f"results already in {run_dir} (use --force to redo)")
             for row in (existing.get("subgroups") or {}).get("by_group", []):
