@@ -497,3 +497,25 @@ def test_c3_uses_lung_mask_pairs_when_given_and_says_so_when_not(tmp_path):
     assert "lungs" not in c3_plain.config["evaluate"]
     (note,) = without.skipped
     assert note.id == "C3 (lung-only, non-lung)" and "--data lungs=" in note.reason
+
+
+def test_a_finished_tabular_analysis_is_not_reused_for_changed_data(tmp_path):
+    import pandas as pd
+
+    from readingrace.config import config_from_dict
+    from readingrace.errors import RunError
+    from readingrace.experiments.suite import _run_confounders
+
+    folder, data, rows = _csv_suite(tmp_path)
+    table = pd.read_csv(data / "cohort.csv")
+    table["Effusion"] = [i % 2 for i in range(len(table))]  # a finding label for the B3 models
+    table.to_csv(data / "cohort.csv", index=False)
+    cfg = config_from_dict({"cohort": {"source": "csv", "target": "race", "options": {"csv": "cohort.csv"},
+                                       "min_prevalence": 0},
+                            "confounders": {"analyses": ["chi_square"], "strata": ["Effusion"]}})
+    run_dir = tmp_path / "b3"
+    assert _run_confounders(cfg, run_dir, data_root=str(data)) == {"reused": False}
+    assert _run_confounders(cfg, run_dir, data_root=str(data)) == {"reused": True}
+    (data / rows[0]["path"]).unlink()
+    with pytest.raises(RunError, match=r"the cohort differs .*: 12 images then, 11 now \(1 gone, 0 new"):
+        _run_confounders(cfg, run_dir, data_root=str(data))

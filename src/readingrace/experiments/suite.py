@@ -672,13 +672,18 @@ def _run_confounders(cfg: ExperimentConfig, run_dir: Path, *, data_root: str | N
     from readingrace.experiments.rundir import RunLock, write_atomic
     from readingrace.stats.confounders import run_confounders, write_confounders
 
+    from readingrace.experiments.run import check_same_cohort
+
+    table, manifest = build_cohort(cfg.cohort, data_root=data_root)  # memoised: once per distinct cohort
+    target = cfg.cohort.target
     with RunLock(run_dir):
         if (run_dir / "confounders.json").exists() or (run_dir / "DONE").exists():
+            check_same_cohort(run_dir, table, target=target)  # the same data as then (folders since cohort.csv)
             return {"reused": True}
         write_atomic(run_dir / "config.yaml", yaml.safe_dump({"fingerprint": cfg.fingerprint(), **cfg.to_dict()},
                                                              sort_keys=False))
-        table, manifest = build_cohort(cfg.cohort, data_root=data_root)
         manifest.write(run_dir / "manifest.json")
+        write_atomic(run_dir / "cohort.csv", table[["image_id", "patient_id", target]].to_csv(index=False))
         spec = {"target": cfg.cohort.target, "seed": cfg.split.seed, **cfg.confounders}
         spec["label_cols"] = [c for c in spec.get("label_cols", []) if c in table.columns]
         result = run_confounders(table, spec)
