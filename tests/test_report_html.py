@@ -794,3 +794,18 @@ def test_methods_say_which_runs_used_which_setting():
     assert "at most 5 (2 runs); 40 (1 run) epochs" in text
     same = methods_text([record([2021], 5), record([2021], 5)])
     assert "training seed(s) 2021;" in same and "at most 5 epochs" in same and "run)" not in same
+
+
+def test_a_new_report_into_the_same_folder_removes_the_old_reports_own_files_only(suite_dir, tmp_path):
+    out = tmp_path / "rep"
+    write_report([suite_dir], out=out)
+    suite_tables = {p.name for p in (out / "tables").iterdir()}
+    assert "C4-drop.md" in suite_tables
+    (out / "tables" / "C1-lowpass.md").write_text("my notes\n")  # the user edited one of them
+    single = next((suite_dir / "A1" / "nih").iterdir())
+    write_report([single], out=out)
+    left = {p.name for p in (out / "tables").iterdir()}
+    assert "C4-drop.md" not in left                              # the old report's own table: removed
+    assert (out / "tables" / "C1-lowpass.md").read_text() == "my notes\n"  # the user's edit: kept
+    record = json.loads((out / ".readingrace-written.json").read_text())["files"]
+    assert "tables/C1-lowpass.md" not in record and "report.html" in record

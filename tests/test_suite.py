@@ -127,6 +127,18 @@ def test_unknown_attribute_is_an_error_naming_the_allowed_ones(tmp_path, attribu
     assert not (tmp_path / "out").exists()
 
 
+def test_an_attribute_none_of_the_given_datasets_records_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--attribute race: none of the given datasets records it "
+                                          r"\(nih records sex, age_group\)"):
+        run_suite(PAPER, data={"nih": str(tmp_path)}, out=tmp_path / "out", budget="small", attribute="race",
+                  dry_run=True, say=lambda m: None)
+    assert not (tmp_path / "out").exists()
+    # with a dataset that records it, the plan goes ahead (nih's race experiments are skipped with reasons)
+    index = run_suite(PAPER, data={"nih": str(tmp_path), "chexpert": str(tmp_path)}, out=tmp_path / "ok",
+                      budget="small", attribute="race", only=("A1",), dry_run=True, say=lambda m: None)
+    assert any(e["dataset"] == "chexpert" for e in index["entries"])
+
+
 # -- controls: planted signals on generated cohorts ---------------------------------------------------
 def _control_suite(tmp_path: Path, signal: str, grid: list[dict], *, marker_cell=(0, 0), n_patients=700) -> Path:
     """A one-experiment suite folder over a synthetic cohort with a planted signal."""

@@ -100,6 +100,11 @@ def test_unparsable_lung_pairs_file_is_refused_before_training(cli, tmp_path: Pa
     ds = make_dataset(tmp_path, config=csv_config(evaluate={"lungs": {"unet_pairs": str(pairs)}}))
     assert_user_error(run_cmd(cli, ds, tmp_path / "out"), str(pairs), "needs columns image_path, mask_path")
     assert not (tmp_path / "out").exists()
+    # the columns are right, but the files it lists are not there: said before training, nothing written
+    pairs.write_text("image,mask\nnope/a.png,nope/a_mask.png\n")
+    assert_user_error(run_cmd(cli, ds, tmp_path / "out"), "evaluate.lungs.unet_pairs: 2 of the 2 files",
+                      str(tmp_path / "nope" / "a.png"))
+    assert not (tmp_path / "out").exists()
 
 
 # -- run folders ------------------------------------------------------------------------------------------

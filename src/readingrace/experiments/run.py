@@ -128,8 +128,13 @@ def check_inputs(cfg: ExperimentConfig) -> None:
 
         if lungs.masks_csv:
             read_masks_csv(lungs.masks_csv)
-        if lungs.unet_pairs:
-            read_pairs_csv(lungs.unet_pairs)
+        if lungs.unet_pairs:  # the U-Net's training pairs: every file must be there (masks_csv misses are skips)
+            pairs = read_pairs_csv(lungs.unet_pairs)
+            missing = [f for f in (*pairs["image_path"], *pairs["mask_path"]) if not Path(f).is_file()]
+            if missing:
+                raise ConfigError(f"evaluate.lungs.unet_pairs: {len(missing)} of the {2 * len(pairs)} files "
+                                  f"{lungs.unet_pairs} lists are not found, e.g. {missing[0]} (paths are read "
+                                  "relative to the pairs file's folder)")
 
 
 def check_same_cohort(run_dir: Path, cohort: pd.DataFrame, *, target: str) -> None:

@@ -212,6 +212,18 @@ def check_attribute(attribute: str | None, datasets: dict[str, Any]) -> None:
                           f"{' | '.join(allowed)}{hint}")
 
 
+def check_given_attribute(attribute: str | None, data: dict[str, str], datasets: dict[str, Any]) -> None:
+    """``--attribute`` must be recorded by at least one of the datasets given with ``--data`` (else the
+    whole plan would be skipped, silently successful)."""
+    given = {n: datasets[n] for n in data if n in datasets and (datasets[n] or {}).get("attributes")}
+    if attribute is None or not given or any("attributes" not in (datasets.get(n) or {}) for n in data):
+        return
+    if not any(attribute in d["attributes"] for d in given.values()):
+        records = "; ".join(f"{n} records {', '.join(d['attributes'])}" for n, d in sorted(given.items()))
+        raise ConfigError(f"--attribute {attribute}: none of the given datasets records it ({records}); "
+                          "choose one of those, or add a dataset that records it")
+
+
 def check_data_paths(data: dict[str, str], datasets: dict[str, Any]) -> None:
     """Every ``--data NAME=PATH`` names an existing file or folder (a generated source may name a folder
     still to be written)."""
@@ -530,6 +542,7 @@ def run_suite(folder: str | Path, *, data: dict[str, str], out: str | Path, budg
     out = Path(out)
     datasets = _read_side(resolve_suite_dir(folder), "_datasets.yaml")
     check_attribute(attribute, datasets)
+    check_given_attribute(attribute, data, datasets)
     if dry_run:  # a real run reports a missing data folder per run (failed, with the reason)
         check_data_paths(data, datasets)
     plan = expand_suite(folder, data=data, budget=budget, attribute=attribute, only=only, overrides=overrides)

@@ -698,5 +698,10 @@ def install(stage: Path, out: Path, *, what: str) -> list[Path]:
         written[rel] = _sha256(p)
         os.replace(p, out / rel)
         moved.append(out / rel)
+    for rel in sorted(set(written) - set(rels)):  # an earlier output's files this one does not have
+        old = out / rel
+        if old.is_file() and _sha256(old) == written[rel]:  # exactly as readingrace wrote it: stale, removed
+            old.unlink()
+        del written[rel]  # changed since (or gone): no longer ours, left as it is
     write_atomic(out / WRITTEN, json.dumps({"by": what, "files": written}, indent=1, sort_keys=True))
     return moved
