@@ -446,3 +446,22 @@ def test_audit_of_a_users_model_says_its_patients_are_unknown_or_excludes_them(t
     pd.DataFrame({"id": ["p1"]}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(CohortError, match="needs a patient_id column"):
         read_patient_list(tmp_path / "bad.csv")
+
+
+def test_probe_cli_prepares_images_as_the_checkpoints_run_did(tmp_path, capsys):
+    from readingrace.cli import _use_run_preprocessing
+    from readingrace.config import config_from_dict
+
+    run = tmp_path / "run"
+    (run / "seed-2021" / "checkpoints").mkdir(parents=True)
+    pd.DataFrame({"patient_id": ["p1", "p2", "p3"], "split": ["train", "val", "test"]}).to_csv(run / "cohort.csv")
+    (run / "config.yaml").write_text("image: {size: 96, mode: pad}\n")
+    ckpt = run / "seed-2021" / "checkpoints" / "best.ckpt"
+    ckpt.write_bytes(b"x")
+    cfg = config_from_dict({"image": {"size": 64}})
+    _use_run_preprocessing(cfg, str(ckpt))
+    assert (cfg.image.size, cfg.image.mode) == (96, "pad")
+    assert "size 96 (the --cohort config: 64), mode pad (the --cohort config: stretch)" in capsys.readouterr().err
+    other = config_from_dict({"image": {"size": 64}})
+    _use_run_preprocessing(other, str(tmp_path / "elsewhere.ckpt"))  # not a run's checkpoint: unchanged
+    assert other.image.size == 64

@@ -255,6 +255,7 @@ def probe(cohort_config: Annotated[Path, typer.Option("--cohort", help="experime
     if direct is not None and len(targets) != 1:
         raise ConfigError("--direct compares with one target: give exactly one --target")
     excluded = read_patient_list(exclude_patients) if exclude_patients is not None else None
+    _use_run_preprocessing(cfg, model)
     prep = prepare(cfg, data_root=data_root, say=_say)
     out_dir = out or Path("runs") / cfg.name / "probe"
     run_audit(images=prep.images, cohort=prep.cohort, out_dir=out_dir, targets=targets, model=model, layer=layer,
@@ -279,6 +280,24 @@ EXTERNAL_HELP = (
     "square first, so the aspect ratio is kept, with bands of zeros. Default: each trained run's own "
     "image.mode, i.e. what its model saw in training."
 )
+
+
+def _use_run_preprocessing(cfg, model: str | None) -> None:
+    """A checkpoint from a readingrace run sees images prepared as in its training (size, mode, bit depth),
+    whatever the --cohort config says; the change is said."""
+    from readingrace.probe import run_folder_of
+
+    run_dir = run_folder_of(model) if model else None
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return
+    image = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("image") or {}
+    changed = [f"{k} {image[k]} (the --cohort config: {getattr(cfg.image, k)})" for k in ("size", "mode", "bit_depth")
+               if k in image and image[k] != getattr(cfg.image, k)]
+    for k in ("size", "mode", "bit_depth"):
+        if k in image:
+            setattr(cfg.image, k, image[k])
+    if changed:
+        _say("images prepared as the feature model's run was trained: " + ", ".join(changed))
 
 
 @app.command(help=EXTERNAL_HELP)
