@@ -119,6 +119,22 @@ def test_unfinished_attempt_of_another_config_is_taken_over(tmp_path: Path) -> N
     assert json.loads((run_dir / "metrics.json").read_text())["run"]["fingerprint"] == fixed.fingerprint()
 
 
+@pytest.mark.parametrize("kind, result", [("disease", "model/checkpoints/last.ckpt"),
+                                          ("a3", "pathology/config.yaml"), ("confounders", "confounders.json")])
+def test_another_commands_folder_is_never_taken_over(tmp_path: Path, kind: str, result: str) -> None:
+    """An interrupted disease or A3 run, or a tabular analysis, is not "an unfinished attempt": kept, refused."""
+    from readingrace.experiments.run import _check_run_dir
+
+    (tmp_path / "config.yaml").write_text(f"kind: {kind}\nfingerprint: abc\n")
+    (tmp_path / result).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / result).write_bytes(b"x")
+    (tmp_path / "cohort.csv").write_text("image_id\n")
+    assert has_results(tmp_path)
+    with pytest.raises(RunError, match=f"holds a `readingrace {kind}` run, not a `readingrace run` run"):
+        _check_run_dir(tmp_path, config_from_dict(tiny_config()), False, lambda m: None)
+    assert (tmp_path / "cohort.csv").is_file() and (tmp_path / result).is_file()
+
+
 def test_has_results_counts_checkpoints_predictions_and_metrics(tmp_path: Path) -> None:
     (tmp_path / "seed-1" / "logs").mkdir(parents=True)
     (tmp_path / "config.yaml").write_text("fingerprint: x\n")

@@ -193,6 +193,9 @@ def _check_run_dir(run_dir: Path, cfg: ExperimentConfig, force: bool,
         return None
     old = yaml.safe_load(cfg_path.read_text()) or {}
     same = old.get("fingerprint") == cfg.fingerprint()
+    if old.get("kind") and not force:  # a disease, A3 or other command's folder: never taken over or mixed
+        raise RunError(f"{run_dir} holds a `readingrace {old['kind']}` run, not a `readingrace run` run; use --out "
+                       "for a new folder")
     if not same and not force and not has_results(run_dir):
         say(f"{run_dir}: replacing the files of an unfinished attempt of another config (fingerprint "
             f"{old.get('fingerprint')}; it produced no checkpoint, predictions or metrics)")
@@ -214,7 +217,8 @@ def _check_run_dir(run_dir: Path, cfg: ExperimentConfig, force: bool,
 def has_results(run_dir: Path) -> bool:
     """Whether a run folder holds any result: a checkpoint, predictions or metrics (its own or a seed's)."""
     patterns = ("metrics.json", "*predictions*.csv", "seed-*/metrics.json", "seed-*/*predictions*.csv",
-                "seed-*/train_result.json", "seed-*/checkpoints/*.ckpt")
+                "seed-*/train_result.json", "seed-*/checkpoints/*.ckpt", "model/checkpoints/*.ckpt",
+                "confounders.json", "DONE", "pathology/*", "direct/*")  # also other commands' results
     return any(next(run_dir.glob(pattern), None) is not None for pattern in patterns)
 
 

@@ -693,8 +693,8 @@ def _run_confounders(cfg: ExperimentConfig, run_dir: Path, *, data_root: str | N
         if (run_dir / "confounders.json").exists() or (run_dir / "DONE").exists():
             check_same_cohort(run_dir, table, target=target)  # the same data as then (folders since cohort.csv)
             return {"reused": True}
-        write_atomic(run_dir / "config.yaml", yaml.safe_dump({"fingerprint": cfg.fingerprint(), **cfg.to_dict()},
-                                                             sort_keys=False))
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump({"kind": "confounders", "fingerprint": cfg.fingerprint(),
+                                                              **cfg.to_dict()}, sort_keys=False))
         manifest.write(run_dir / "manifest.json")
         write_atomic(run_dir / "cohort.csv", table[["image_id", "patient_id", target]].to_csv(index=False))
         spec = {"target": cfg.cohort.target, "seed": cfg.split.seed, **cfg.confounders}
