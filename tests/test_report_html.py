@@ -809,3 +809,12 @@ def test_a_new_report_into_the_same_folder_removes_the_old_reports_own_files_onl
     assert (out / "tables" / "C1-lowpass.md").read_text() == "my notes\n"  # the user's edit: kept
     record = json.loads((out / ".readingrace-written.json").read_text())["files"]
     assert "tables/C1-lowpass.md" not in record and "report.html" in record
+
+
+def test_a_report_leaves_the_files_collect_wrote_in_the_same_folder(suite_dir, tmp_path):
+    out = tmp_path / "both"
+    collect([suite_dir], out=out)
+    assert (out / "results.csv").is_file() and (out / "index.csv").is_file()
+    write_report([suite_dir], out=out)
+    write_report([next((suite_dir / "A1" / "nih").iterdir())], out=out)  # a smaller report replaces the first
+    assert (out / "results.csv").is_file() and (out / "index.csv").is_file()  # collect's output untouched

@@ -698,10 +698,16 @@ def install(stage: Path, out: Path, *, what: str) -> list[Path]:
         written[rel] = _sha256(p)
         os.replace(p, out / rel)
         moved.append(out / rel)
-    for rel in sorted(set(written) - set(rels)):  # an earlier output's files this one does not have
+    owners = record.get("by_file") if isinstance(record.get("by_file"), dict) else {}
+    owners.update({rel: what for rel in rels})
+    # this command's earlier output that this one lacks (another command's files, e.g. collect's, are left)
+    stale = {rel for rel in set(written) - set(rels) if owners.get(rel, record.get("by")) == what}
+    for rel in sorted(stale):
         old = out / rel
         if old.is_file() and _sha256(old) == written[rel]:  # exactly as readingrace wrote it: stale, removed
             old.unlink()
         del written[rel]  # changed since (or gone): no longer ours, left as it is
-    write_atomic(out / WRITTEN, json.dumps({"by": what, "files": written}, indent=1, sort_keys=True))
+        owners.pop(rel, None)
+    write_atomic(out / WRITTEN, json.dumps({"by": what, "files": written, "by_file": owners}, indent=1,
+                                           sort_keys=True))
     return moved
