@@ -352,6 +352,7 @@ def test_audit_of_a_run_checkpoint_tests_only_on_the_runs_test_patients(tmp_path
     run_cohort["split"] = split_patients(run_cohort, target="sex", ratios=(0.6, 0.1, 0.3), seed=7)
     (tmp_path / "run").mkdir()
     run_cohort.to_csv(tmp_path / "run" / "cohort.csv", index=False)
+    (tmp_path / "run" / "config.yaml").write_text("fingerprint: 0123456789abcdef\n")  # a readingrace run folder
     ckpt = _save_checkpoint(tmp_path / "run" / "seed-2021" / "checkpoints" / "best.ckpt")
     report = run_audit(images=_images(len(cohort), size=32), cohort=cohort, out_dir=tmp_path / "audit",
                        targets=["age_group"], model=str(ckpt), probes=("softmax",), n_bootstrap=0,
@@ -389,6 +390,7 @@ def test_a_run_split_without_validation_images_of_the_cohort_says_so(tmp_path):
     run_cohort.loc[run_cohort["patient_id"] >= "p0036", "split"] = "val"
     (tmp_path / "run").mkdir()
     run_cohort.to_csv(tmp_path / "run" / "cohort.csv", index=False)
+    (tmp_path / "run" / "config.yaml").write_text("fingerprint: 0123456789abcdef\n")  # a readingrace run folder
     ckpt = _save_checkpoint(tmp_path / "run" / "seed-2021" / "checkpoints" / "best.ckpt")
     site = pd.concat([cohort[cohort["patient_id"] < "p0036"],
                       cohort.head(4).assign(patient_id="x", image_id=lambda d: "x" + d["image_id"])])
@@ -455,7 +457,7 @@ def test_probe_cli_prepares_images_as_the_checkpoints_run_did(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "seed-2021" / "checkpoints").mkdir(parents=True)
     pd.DataFrame({"patient_id": ["p1", "p2", "p3"], "split": ["train", "val", "test"]}).to_csv(run / "cohort.csv")
-    (run / "config.yaml").write_text("image: {size: 96, mode: pad}\n")
+    (run / "config.yaml").write_text("fingerprint: 0123456789abcdef\nimage: {size: 96, mode: pad}\n")
     ckpt = run / "seed-2021" / "checkpoints" / "best.ckpt"
     ckpt.write_bytes(b"x")
     cfg = config_from_dict({"image": {"size": 64}})
@@ -465,3 +467,38 @@ def test_probe_cli_prepares_images_as_the_checkpoints_run_did(tmp_path, capsys):
     other = config_from_dict({"image": {"size": 64}})
     _use_run_preprocessing(other, str(tmp_path / "elsewhere.ckpt"))  # not a run's checkpoint: unchanged
     assert other.image.size == 64
+
+
+def test_only_a_readingrace_run_folder_vouches_for_the_models_patients(tmp_path):
+    from readingrace.probe import run_folder_of
+
+    ckpt = tmp_path / "m.ckpt"
+    ckpt.write_bytes(b"x")
+    (tmp_path / "cohort.csv").write_text("")                         # empty: not a run, no traceback
+    (tmp_path / "config.yaml").write_text("fingerprint: abc\n")
+    assert run_folder_of(ckpt) is None
+    (tmp_path / "cohort.csv").write_text("patient_id,split\np1,train\n")
+    (tmp_path / "config.yaml").write_text("my: notes\n")             # a user's split file and notes
+    assert run_folder_of(ckpt) is None
+    (tmp_path / "config.yaml").write_text("fingerprint: abc\n")
+    assert run_folder_of(ckpt) == tmp_path.resolve()
+
+
+def test_run_split_matches_patients_within_their_dataset(tmp_path):
+    from readingrace.probe import run_patient_split
+
+    run = tmp_path / "run"
+    run.mkdir()
+    pd.DataFrame({"patient_id": ["1", "2"], "dataset": "nih", "split": ["train", "test"]}).to_csv(
+        run / "cohort.csv", index=False)
+    same_site = pd.DataFrame({"patient_id": ["1", "2", "3"], "dataset": "nih"})
+    assert run_patient_split(run, same_site).tolist()[:2] == ["train", "test"]
+    other_site = pd.DataFrame({"patient_id": ["1", "2", "3"], "dataset": "siteB"})  # patient "1" elsewhere
+    assert run_patient_split(run, other_site).isna().all()
+    # the run's own dataset with ids written differently: refused, not taken for unseen patients
+    cohort = _two_target_cohort(30).assign(dataset="nih")
+    (run / "config.yaml").write_text("fingerprint: 0123456789abcdef\n")
+    ckpt = _save_checkpoint(run / "seed-2021" / "checkpoints" / "best.ckpt")
+    with pytest.raises(CohortError, match="although both hold dataset 'nih': the ids are written differently"):
+        run_audit(images=_images(len(cohort), size=32), cohort=cohort, out_dir=tmp_path / "a", targets=["sex"],
+                  model=str(ckpt), probes=("logistic",), n_bootstrap=0, say=lambda m: None)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
@@ -479,8 +480,16 @@ def run_folder_of(model: str | Path) -> Path | None:
     if path.suffix.lower() not in CHECKPOINT_SUFFIXES or not path.is_file():
         return None
     for folder in list(path.resolve().parents)[:RUN_SEARCH_DEPTH]:
-        table = folder / "cohort.csv"
-        if table.is_file() and {"patient_id", "split"} <= set(pd.read_csv(table, nrows=0).columns):
+        table, config = folder / "cohort.csv", folder / "config.yaml"
+        if not (table.is_file() and config.is_file()):
+            continue
+        try:  # a run folder: readingrace's config.yaml (with its fingerprint) beside a cohort.csv with splits
+            is_run = bool((yaml.safe_load(config.read_text()) or {}).get("fingerprint")) and \
+                {"patient_id", "split"} <= set(pd.read_csv(table, nrows=0).columns)
+        except (yaml.YAMLError, ValueError, OSError, UnicodeDecodeError, AttributeError, pd.errors.ParserError,
+                pd.errors.EmptyDataError):
+            is_run = False  # not a readingrace run folder (a user's own files): the model's patients are unknown
+        if is_run:
             return folder
     return None
 
@@ -491,13 +500,24 @@ def run_patient_split(run_dir: str | Path, cohort: pd.DataFrame) -> pd.Series:
     from readingrace.errors import LeakageError
 
     path = Path(run_dir) / "cohort.csv"
-    table = pd.read_csv(path, usecols=["patient_id", "split"], dtype=str, keep_default_na=False)
-    table = table[table["split"].isin(SPLITS)].drop_duplicates()
-    twice = table["patient_id"][table["patient_id"].duplicated()]
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table = table[table["split"].isin(SPLITS)]
+    by_dataset = "dataset" in table.columns and "dataset" in cohort.columns  # patient "1" of another site is not ours
+    key = (lambda d: d["dataset"].astype(str) + "\x1f" + d["patient_id"].astype(str)) if by_dataset else \
+        (lambda d: d["patient_id"].astype(str))
+    table = pd.DataFrame({"key": key(table), "patient_id": table["patient_id"], "split": table["split"]})
+    table = table.drop_duplicates(["key", "split"])
+    twice = table["patient_id"][table["key"].duplicated()]
     if len(twice):
         raise LeakageError(f"{path} puts patient {twice.iloc[0]!r} in more than one split; it is not a "
                            "patient-disjoint run split")
-    return cohort["patient_id"].astype(str).map(dict(zip(table["patient_id"], table["split"])))
+    return key(cohort).map(dict(zip(table["key"], table["split"])))
+
+
+def _run_datasets(run_dir: Path) -> set[str]:
+    """The dataset names in a run's cohort.csv (empty when it has no dataset column)."""
+    table = pd.read_csv(Path(run_dir) / "cohort.csv", dtype=str, keep_default_na=False)
+    return set(table["dataset"]) if "dataset" in table.columns else set()
 
 
 def match_patient_list(listed: Collection[str], patients: pd.Series) -> list[str]:
@@ -615,7 +635,14 @@ def run_audit(
     probe_cohort, probe_feats, split, split_note, n_outside = cohort, feats, None, None, 0
     if run_dir is not None:
         split = run_patient_split(run_dir, cohort)
-        if not split.notna().any():  # another site's cohort: the model saw none of these patients
+        if not split.notna().any():  # another site's cohort: the model saw none of these patients ...
+            shared = _run_datasets(run_dir) & set(cohort["dataset"].astype(str)) if "dataset" in cohort else set()
+            if shared:  # ... unless it is the same dataset: then its ids are written differently, not unseen
+                raise CohortError(
+                    f"none of the cohort's patient ids is in the feature model's run ({run_dir / 'cohort.csv'}), "
+                    f"although both hold dataset {sorted(shared)[0]!r}: the ids are written differently (e.g. "
+                    f"{cohort['patient_id'].astype(str).iloc[0]!r} here), so the probe cannot tell which patients "
+                    "the model saw; build the cohort as the run did")
             split = None
     if run_dir is not None and split is None:
         patients, patients_note = "none-in-run", (
