@@ -239,3 +239,19 @@ def test_build_cohort_is_memoised_returns_copies_and_notices_changed_files(tmp_p
                                                                                           index=False)
     fourth, _ = build.build_cohort(cfg, data_root=data)  # the metadata edited: read and built again
     assert len(loads) == 3 and fourth.loc[fourth["patient_id"] == "P0", "sex"].item() == "M"
+
+
+def test_resume_is_refused_when_the_images_that_decode_now_split_differently(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from readingrace.experiments.run import check_same_split
+
+    recorded = pd.DataFrame({"image_id": ["a", "b", "c", "d"], "split": ["train", "train", "val", "test"]})
+    recorded.to_csv(tmp_path / "cohort.csv", index=False)
+    check_same_split(tmp_path, recorded.copy())  # the same split: resumed
+    moved = recorded.assign(split=["train", "val", "train", "test"])  # a repaired image reshuffled patients
+    with pytest.raises(RunError, match=r"split the patients differently .* \(2 image\(s\) added, dropped or in "
+                                       r"another split, e\.g\. b\)"):
+        check_same_split(tmp_path, moved)
+    with pytest.raises(RunError, match=r"1 image\(s\) added, dropped"):
+        check_same_split(tmp_path, recorded.iloc[:3])  # an image that decoded then fails now

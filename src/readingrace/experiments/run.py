@@ -173,6 +173,23 @@ def check_same_cohort(run_dir: Path, cohort: pd.DataFrame, *, target: str) -> No
                    + "); use another --out, or --force to redo")
 
 
+def check_same_split(run_dir: Path, cohort: pd.DataFrame) -> None:
+    """Refuse to resume when the images that decode now give another split than the recorded one (an image
+    repaired or newly unreadable can move a patient, and with it the split of others)."""
+    recorded = run_dir / "cohort.csv"
+    if not recorded.is_file():
+        return
+    old = pd.read_csv(recorded, usecols=["image_id", "split"], dtype=str, keep_default_na=False)
+    now = cohort[["image_id", "split"]].astype(str)
+    both = old.merge(now, on="image_id", how="outer", suffixes=("_then", "_now"), indicator=True)
+    moved = both[(both["_merge"] != "both") | (both["split_then"] != both["split_now"])]
+    if len(moved):
+        raise RunError(f"{run_dir}: the images that decode now split the patients differently from the run's "
+                       f"cohort.csv ({len(moved)} image(s) added, dropped or in another split, e.g. "
+                       f"{moved['image_id'].iloc[0]}); its checkpoints were trained on the old split: use another "
+                       "--out, or --force to redo")
+
+
 def _recorded_fingerprint(run_dir: Path) -> str | None:
     """The fingerprint in a run folder's ``config.yaml`` (None when unreadable); libyaml when installed (fast)."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -260,9 +277,12 @@ def run_experiment(cfg: ExperimentConfig, *, out: str | Path | None = None, data
             return existing
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(
             {"fingerprint": cfg.fingerprint(), "readingrace": __version__, **cfg.to_dict()}, sort_keys=False))
+        resuming = has_results(run_dir)
         prep = prepare(cfg, data_root=data_root, say=say)
         target, classes = cfg.cohort.target, prep.classes
         cohort = prep.cohort
+        if resuming:  # the checkpoints were trained on the recorded split: it must be the same split now
+            check_same_split(run_dir, cohort)
         write_atomic(run_dir / "cohort.csv", cohort.to_csv(index=False))
         prep.manifest.write(run_dir / "manifest.json")
         tr, va, te = prep.index("train"), prep.index("val"), prep.index("test")
