@@ -239,6 +239,30 @@ def test_build_cohort_is_memoised_returns_copies_and_notices_changed_files(tmp_p
                                                                                           index=False)
     fourth, _ = build.build_cohort(cfg, data_root=data)  # the metadata edited: read and built again
     assert len(loads) == 3 and fourth.loc[fourth["patient_id"] == "P0", "sex"].item() == "M"
+    # a metadata file in a subfolder (as CheXpert's train.csv), edited in place with the same size
+    import os
+
+    (data / "meta").mkdir()
+    (data / "cohort.csv").rename(data / "meta" / "cohort.csv")
+    sub = CohortConfig(source="csv", target="sex", options={"csv": "meta/cohort.csv", "image_root": "."})
+    before, _ = build.build_cohort(sub, data_root=data)
+    text = (data / "meta" / "cohort.csv").read_text()
+    (data / "meta" / "cohort.csv").write_text(text.replace("P1,M", "P1,F", 1))  # same size
+    st = os.stat(data / "meta" / "cohort.csv")
+    os.utime(data / "meta" / "cohort.csv", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    after, _ = build.build_cohort(sub, data_root=data)
+    assert before.loc[before["patient_id"] == "P1", "sex"].item() == "M"
+    assert after.loc[after["patient_id"] == "P1", "sex"].item() == "F"
+    # sources that find their metadata themselves (NIH's Data_Entry*.csv, CheXpert's train.csv): the files the
+    # source read are part of the stamp even when no option names them
+    _, read = build.build_cohort(sub, data_root=data)
+    files = read.input_files
+    assert files == [str((data / "meta" / "cohort.csv").resolve())]
+    unnamed = CohortConfig(source="nih", target="sex")
+    stamp = build.data_stamp(unnamed, data, after["path"], files)
+    os.utime(data / "meta" / "cohort.csv", ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+    assert build.data_stamp(unnamed, data, after["path"], files) != stamp
+    assert build.data_stamp(unnamed, data, after["path"]) == build.data_stamp(unnamed, data, after["path"])
 
 
 def test_resume_is_refused_when_the_images_that_decode_now_split_differently(tmp_path: Path) -> None:

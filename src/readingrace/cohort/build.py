@@ -12,6 +12,7 @@ import json
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +108,7 @@ def _recall(memo: OrderedDict, key: tuple[str, ...], cfg: CohortConfig, root: Pa
             ) -> tuple[pd.DataFrame, Manifest] | None:
     """Copies of a memoised table and manifest, or None when absent or the data changed since."""
     hit = memo.get(key)
-    if hit is None or hit[0] != data_stamp(cfg, root, hit[1]["path"]):
+    if hit is None or hit[0] != data_stamp(cfg, root, hit[1]["path"], hit[3]):
         return None
     memo.move_to_end(key)
     return hit[1].copy(), _copy_manifest(hit[2])
@@ -115,7 +116,8 @@ def _recall(memo: OrderedDict, key: tuple[str, ...], cfg: CohortConfig, root: Pa
 
 def _remember(memo: OrderedDict, key: tuple[str, ...], cfg: CohortConfig, root: Path, df: pd.DataFrame,
               manifest: Manifest) -> tuple[pd.DataFrame, Manifest]:
-    memo[key] = (data_stamp(cfg, root, df["path"]), df.copy(), _copy_manifest(manifest))
+    files = tuple(getattr(manifest, "input_files", ()))  # the metadata files read, wherever below the root
+    memo[key] = (data_stamp(cfg, root, df["path"], files), df.copy(), _copy_manifest(manifest), files)
     while len(memo) > _MEMO_MAX:
         memo.popitem(last=False)
     return df, manifest
@@ -123,10 +125,13 @@ def _remember(memo: OrderedDict, key: tuple[str, ...], cfg: CohortConfig, root: 
 
 def _copy_manifest(m: Manifest) -> Manifest:
     """A copy whose lists, mappings and records are new objects (far faster than deepcopy for 1000s of skips)."""
-    return dataclasses.replace(
+    out = dataclasses.replace(
         m, inputs=[dict(d) for d in m.inputs], flow=[copy.copy(s) for s in m.flow],
         skipped=[copy.copy(s) for s in m.skipped], mappings={k: dict(v) for k, v in m.mappings.items()},
         warnings=list(m.warnings), counts=copy.deepcopy(m.counts), unlisted_skips=dict(m.unlisted_skips))
+    if hasattr(m, "input_files"):
+        out.input_files = list(m.input_files)
+    return out
 
 
 def _read_source(cfg: CohortConfig, root: Path) -> tuple[pd.DataFrame, Manifest]:
@@ -140,9 +145,10 @@ def _read_source(cfg: CohortConfig, root: Path) -> tuple[pd.DataFrame, Manifest]
     return read
 
 
-def data_stamp(cfg: CohortConfig, root: Path, paths: pd.Series) -> tuple:
+def data_stamp(cfg: CohortConfig, root: Path, paths: pd.Series, files: Sequence[str] = ()) -> tuple:
     """(path, mtime, size) of what a cohort is read from: the data root and the files directly in it, the
-    folders holding the cohort's images (and their parents), and files or folders named by cohort.options.
+    folders holding the cohort's images (and their parents), files or folders named by cohort.options, and
+    the metadata ``files`` the source read (wherever below the root they lie).
 
     An image added or removed changes its folder's time, an edited metadata file its own; cheap (no
     recursive walk), so a memoised cohort is checked on every use.
@@ -154,7 +160,7 @@ def data_stamp(cfg: CohortConfig, root: Path, paths: pd.Series) -> tuple:
             parent = os.path.dirname(folder)
             folder = parent if parent != folder else ""
     named = [v for v in cfg.options.values() if isinstance(v, str) and v]
-    candidates = [root, *seen, *(p if Path(p).is_absolute() else root / p for p in named)]
+    candidates = [root, *seen, *(p if Path(p).is_absolute() else root / p for p in named), *files]
     try:
         candidates += [e.path for e in os.scandir(root) if not e.is_dir()]
     except OSError:

@@ -63,6 +63,8 @@ class Manifest:
         if hash_contents:
             entry["sha256"] = sha256_file(p)
         self.inputs.append(entry)
+        # the full path, kept in memory only (reports and manifest.json name the file, not the machine's folders)
+        self.__dict__.setdefault("input_files", []).append(str(p.resolve()))
 
     def step(self, name: str, before: pd.DataFrame, after: pd.DataFrame, detail: str = "",
              patient_col: str = "patient_id") -> pd.DataFrame:
