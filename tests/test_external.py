@@ -286,7 +286,7 @@ def test_images_and_patients_the_model_trained_on_are_left_out(tmp_path):
     said: list[str] = []
     m = predict_run(run, other, out=tmp_path / "x", say=said.append)
     assert m["seen_by_model"] == {"same_image": 30, "same_file": 25, "same_ids_other_file": 5, "same_patient": 10,
-                                  "patients": 20, "internal_test_overlap": 10}
+                                  "patients": 20, "internal_test_overlap": 10, "same_id_other_dataset": 0}
     assert m["n_images"] == 40 and m["n_patients"] == 20  # 80 - 30 - 10; the 10 internal test images kept
     from readingrace.experiments.external import cell_record
     assert cell_record(m, trained_on="fake", tested_on="x", cell_dir=None, input_mode="stretch")["seen_left_out"] == 40
@@ -307,6 +307,9 @@ def test_images_and_patients_the_model_trained_on_are_left_out(tmp_path):
                     say=lambda s: None)
     assert m["seen_by_model"]["same_image"] == 0 and m["seen_by_model"]["same_patient"] == 0
     assert m["n_images"] == 80
+    # ... kept, but said: the same hospital under two names would otherwise pass unnoticed
+    assert m["seen_by_model"]["same_id_other_dataset"] == 40  # the 20 seen patients' 2 images each
+    assert any("in another dataset (hospital-b); they were kept as other people" in n for n in m["notes"])
 
 
 def test_a_cohort_the_model_trained_on_entirely_is_refused(tmp_path):

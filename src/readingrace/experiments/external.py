@@ -241,6 +241,16 @@ def exclude_seen(cohort: pd.DataFrame, trained: pd.DataFrame, manifest: Manifest
         n_pat = cohort.loc[same_patient, "patient_id"].nunique()
         notes.append(f"{counts['same_patient']} other image(s) of {n_pat} patient(s) of the model's training or "
                      "validation split were left out (same patient_id)")
+    # the same patient ids under another dataset name: other people, or the same hospital under two names
+    # (a CSV cohort is named after its file); not left out, but said
+    other_name = ~same_image & ~same_patient & cohort["patient_id"].astype(str).isin(
+        set(seen["patient_id"].astype(str))).to_numpy()
+    counts["same_id_other_dataset"] = int(other_name.sum())
+    if counts["same_id_other_dataset"]:
+        names = sorted(set(seen["dataset"].astype(str))) if "dataset" in seen.columns else []
+        notes.append(f"{counts['same_id_other_dataset']} image(s) have the patient_id of a patient the model "
+                     f"trained on in another dataset ({', '.join(names)}); they were kept as other people: if "
+                     "they are the same patients, give both cohorts the same dataset name")
     keep = ~(same_image | same_patient)
     rest = manifest.step("not seen by the model (its training and validation images and patients left out)",
                          cohort, cohort[keep], detail="; ".join(notes))
