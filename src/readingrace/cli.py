@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 import yaml
 
-from readingrace.errors import ConfigError, ReadingRaceError
+from readingrace.errors import ConfigError, ReadingRaceError, is_interruption
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="readingrace: do imaging models read race, sex or age? Reproduce the 'Reading Race' study.")
@@ -455,7 +455,7 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         rc = interrupted
     except SystemExit as exc:
-        if not isinstance(exc.__context__, KeyboardInterrupt):
+        if not is_interruption(exc):
             raise
         rc = interrupted  # Lightning answers Ctrl-C during training with sys.exit(1)
     except typer.Abort:

@@ -42,3 +42,9 @@ class RunError(ReadingRaceError):
 
 class CacheError(ReadingRaceError):
     """A cache folder is corrupt or incomplete (delete it; it is rebuilt from the source files)."""
+
+
+def is_interruption(exc: BaseException | None) -> bool:
+    """Ctrl-C: a KeyboardInterrupt, or the ``sys.exit(1)`` Lightning raises while handling one during training."""
+    return isinstance(exc, KeyboardInterrupt) or (
+        isinstance(exc, SystemExit) and isinstance(exc.__context__, KeyboardInterrupt))

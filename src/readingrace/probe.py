@@ -44,6 +44,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from readingrace.cohort.schema import patient_key
 from readingrace.errors import CohortError, ConfigError, SplitError
 from readingrace.experiments.rundir import RunLock, refuse_foreign_folder, write_atomic
 from readingrace.split import check_no_leakage, split_patients
@@ -503,8 +504,7 @@ def run_patient_split(run_dir: str | Path, cohort: pd.DataFrame) -> pd.Series:
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     table = table[table["split"].isin(SPLITS)]
     by_dataset = "dataset" in table.columns and "dataset" in cohort.columns  # patient "1" of another site is not ours
-    key = (lambda d: d["dataset"].astype(str) + "\x1f" + d["patient_id"].astype(str)) if by_dataset else \
-        (lambda d: d["patient_id"].astype(str))
+    key = patient_key if by_dataset else (lambda d: d["patient_id"].astype(str))
     table = pd.DataFrame({"key": key(table), "patient_id": table["patient_id"], "split": table["split"]})
     table = table.drop_duplicates(["key", "split"])
     twice = table["patient_id"][table["key"].duplicated()]

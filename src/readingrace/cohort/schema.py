@@ -117,3 +117,10 @@ def validate_cohort(df: pd.DataFrame, *, require: Iterable[str] = ()) -> None:
         n = int(df[col].isna().sum())
         if n:
             raise CohortError(f"cohort column {col!r} is empty in {n} rows")
+
+
+def patient_key(df: pd.DataFrame) -> pd.Series:
+    """A patient's identity across cohorts: (dataset, patient_id), as one string. Two hospitals may both have
+    a patient "1"; a table without a dataset column counts as one unnamed dataset."""
+    ds = df["dataset"].fillna("").astype(str) if "dataset" in df.columns else pd.Series("", index=df.index)
+    return ds + "\x1f" + df["patient_id"].astype(str)

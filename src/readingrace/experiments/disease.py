@@ -130,8 +130,7 @@ def run_disease(cfg: ExperimentConfig, *, out: str | Path | None = None, data_ro
     cohort_now, _ = build_cohort(cfg.cohort, data_root=check_data_root(cfg, data_root))  # memoised
     with RunLock(run_dir):
         existing = _check_run_dir(run_dir, cfg, force)
-        started = has_results(run_dir) or next(run_dir.glob("model/checkpoints/*.ckpt"), None) is not None
-        if not force and started:  # a finished or interrupted run of this config: the same data?
+        if not force and has_results(run_dir):  # a finished or interrupted run of this config: the same data?
             check_same_cohort(run_dir, cohort_now, target=cfg.cohort.target)
         if existing is not None:
             say(f"results already in {run_dir} (use --force to redo)")

@@ -34,6 +34,7 @@ import yaml
 
 from readingrace.cohort.build import build_cohort
 from readingrace.cohort.manifest import Manifest, sha256_file
+from readingrace.cohort.schema import patient_key
 from readingrace.config import ExperimentConfig, config_from_dict
 from readingrace.errors import CohortError, ConfigError, LeakageError, ReadingRaceError, RunError
 from readingrace.experiments.rundir import RunLock, clean_nan, write_atomic, write_json
@@ -199,17 +200,11 @@ def _real_paths(paths: pd.Series) -> pd.Series:
     return paths.astype(str).map(os.path.realpath)
 
 
-def _patient_key(df: pd.DataFrame) -> pd.Series:
-    """Patient ids are compared within a dataset: two hospitals may both have a patient "1"."""
-    ds = df["dataset"].fillna("").astype(str) if "dataset" in df.columns else pd.Series("", index=df.index)
-    return ds + "\x1f" + df["patient_id"].astype(str)
-
-
 def _same_images(cohort: pd.DataFrame, part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Per ``cohort`` row: the same file as a row of ``part`` (resolved path); the same (dataset, patient_id,
     image_id). Byte-identical copies under other names and ids match neither."""
-    pairs = pd.MultiIndex.from_arrays([_patient_key(cohort), cohort["image_id"].astype(str)])
-    part_pairs = pd.MultiIndex.from_arrays([_patient_key(part), part["image_id"].astype(str)])
+    pairs = pd.MultiIndex.from_arrays([patient_key(cohort), cohort["image_id"].astype(str)])
+    part_pairs = pd.MultiIndex.from_arrays([patient_key(part), part["image_id"].astype(str)])
     same_file = _real_paths(cohort["path"]).isin(set(_real_paths(part["path"]))).to_numpy()
     return same_file, pairs.isin(part_pairs)
 
@@ -225,7 +220,7 @@ def exclude_seen(cohort: pd.DataFrame, trained: pd.DataFrame, manifest: Manifest
     own_test = trained[trained["split"] == "test"]
     same_file, same_ids = _same_images(cohort, seen)
     same_image = same_file | same_ids
-    same_patient = ~same_image & _patient_key(cohort).isin(set(_patient_key(seen))).to_numpy()
+    same_patient = ~same_image & patient_key(cohort).isin(set(patient_key(seen))).to_numpy()
     test_file, test_ids = _same_images(cohort, own_test)
     in_own_test = ~same_image & ~same_patient & (test_file | test_ids)
     counts = {"same_image": int(same_image.sum()), "same_file": int(same_file.sum()),
@@ -403,16 +398,27 @@ def cell_record(metrics: Mapping[str, Any] | None, *, trained_on: str, tested_on
             "notes": notes, "cell_dir": None if cell_dir is None else str(cell_dir), "reused": reused,
             "seen_left_out": sum(int(seen.get(k) or 0) for k in ("same_image", "same_patient")),
             "internal_test_overlap": seen.get("internal_test_overlap"),
-            "internal_only": not internal and status == "done" and _internal_only(m)}
+            "internal_only": not internal and status == "done" and only_internal_test(m)}
 
 
-def _internal_only(metrics: Mapping[str, Any]) -> bool:
-    """Whether a cell's test images are all the row model's own internal test images (``internal_only`` in its
-    metrics.json; for a cell written before that field, its internal test overlap equals its image count)."""
-    if "internal_only" in metrics:
-        return bool(metrics["internal_only"])
-    n = metrics.get("n_images")
-    return bool(n) and (metrics.get("seen_by_model") or {}).get("internal_test_overlap") == n
+_OVERLAP_NOTE = re.compile(r"^(\d+) image\(s\) overlap the model's internal test set")
+
+
+def only_internal_test(record: Mapping[str, Any]) -> bool:
+    """Whether a cell's (or a cell folder's metrics.json's) remaining test images are all the row model's own
+    internal test images: not an external test, whatever its column says. ``internal_only`` when recorded;
+    for one written before that field, its internal test overlap (``internal_test_overlap``, in
+    ``seen_by_model``, or its note) equals its image count."""
+    if "internal_only" in record:
+        return bool(record["internal_only"])
+    n = record.get("n_images")
+    if record.get("internal") or record.get("status", "done") != "done" or not n:
+        return False
+    overlap = record.get("internal_test_overlap", (record.get("seen_by_model") or {}).get("internal_test_overlap"))
+    for note in [] if overlap is not None else record.get("notes") or []:
+        m = _OVERLAP_NOTE.match(str(note))
+        overlap = int(m.group(1)) if m else overlap
+    return overlap is not None and int(overlap) == int(n)
 
 
 def matrix_order(cells: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[str]]:

@@ -26,7 +26,7 @@ from readingrace import __version__
 from readingrace.cohort.build import build_cohort
 from readingrace.cohort.manifest import Manifest
 from readingrace.config import ExperimentConfig, cache_home
-from readingrace.errors import CohortError, ConfigError, RunError, SplitError
+from readingrace.errors import CohortError, ConfigError, RunError, SplitError, is_interruption
 from readingrace.experiments.rundir import RunLock, clean_nan, write_atomic, write_json
 from readingrace.split import check_no_leakage, split_patients, split_sizes
 
@@ -391,11 +391,9 @@ class _TrainingAttempt:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.active:
-            interrupted = exc_type is KeyboardInterrupt or (
-                exc_type is SystemExit and isinstance(exc.__context__, KeyboardInterrupt))
-            outcome = "finished" if exc_type is None else "interrupted" if interrupted else "failed"
+            outcome = "finished" if exc_type is None else "interrupted" if is_interruption(exc) else "failed"
             self._record(round(time.perf_counter() - self.t0, 1), outcome)
-        if exc_type is SystemExit and isinstance(exc.__context__, KeyboardInterrupt):
+        if exc_type is SystemExit and is_interruption(exc):
             import signal
 
             signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning leaves Ctrl-C ignored

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from readingrace.config import ExperimentConfig, config_from_dict, deep_merge, read_yaml
-from readingrace.errors import ConfigError, LeakageError, ReadingRaceError, SplitError
+from readingrace.errors import ConfigError, LeakageError, ReadingRaceError, SplitError, is_interruption
 
 KINDS = ("train", "confounders", "external", "probe", "explain")
 PAPER_ARCHITECTURES = ("resnet34", "densenet121", "efficientnet-b0")
@@ -586,7 +586,7 @@ def run_suite(folder: str | Path, *, data: dict[str, str], out: str | Path, budg
                 entry.update(_run_one(r, out, say=say))
                 entry["status"] = "done"
         except (KeyboardInterrupt, SystemExit) as exc:
-            if isinstance(exc, SystemExit) and not isinstance(exc.__context__, KeyboardInterrupt):
+            if not is_interruption(exc):
                 raise  # Lightning answers Ctrl-C during training with sys.exit(1): that one is recorded
             entry.update(status="interrupted", reason="interrupted; rerun the same command to resume")
             out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -276,7 +275,7 @@ def gather_external(paths: list[str | Path]) -> dict[str, list[dict[str, Any]]]:
     """External-validation matrices (title -> cells) from `readingrace external` folders (their
     ``external.json``) and from the external cells of suite indexes, shards merged; a suite matrix's
     diagonal is read from each trained run's own metrics.json."""
-    from readingrace.experiments.external import cell_record
+    from readingrace.experiments.external import cell_record, only_internal_test
     from readingrace.experiments.suite import read_indexes
 
     groups: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
@@ -317,25 +316,6 @@ def gather_external(paths: list[str | Path]) -> dict[str, list[dict[str, Any]]]:
                                                  internal=True, cell_dir=trained.resolve(),
                                                  input_mode=((cfg or {}).get("image") or {}).get("mode", "stretch")))
     return {title: list(cells.values()) for title, cells in groups.items()}
-
-
-_OVERLAP_NOTE = re.compile(r"^(\d+) image\(s\) overlap the model's internal test set")
-
-
-def only_internal_test(cell: dict[str, Any]) -> bool:
-    """An off-diagonal cell whose remaining test images are all the row model's own internal test images: not an
-    external test, whatever its column says. ``internal_only`` of the cell record; a cell of an earlier
-    external.json without it: its internal test overlap (``internal_test_overlap``, or its note) equals n_images."""
-    if "internal_only" in cell:
-        return bool(cell["internal_only"])
-    n = cell.get("n_images")
-    if cell.get("internal") or cell.get("status") != "done" or not n:
-        return False
-    overlap = cell.get("internal_test_overlap")
-    for note in [] if overlap is not None else cell.get("notes") or []:
-        m = _OVERLAP_NOTE.match(str(note))
-        overlap = int(m.group(1)) if m else overlap
-    return overlap is not None and int(overlap) == int(n)
 
 
 def external_stem(title: str) -> str:

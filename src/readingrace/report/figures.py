@@ -288,7 +288,7 @@ def plot_external_matrix(cells: list[dict], path: Path) -> bool:
     each cell; the diagonal (each run's own internal test) outlined and marked "internal", as is a cell whose
     test images are all the row model's internal test images ("internal test of ROW")."""
     from readingrace.experiments.external import matrix_order
-    from readingrace.report.collect import only_internal_test
+    from readingrace.experiments.external import only_internal_test
 
     if not cells:
         return False
