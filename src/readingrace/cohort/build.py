@@ -82,10 +82,10 @@ def default_data_root(cfg: CohortConfig) -> Path:
     raise CohortError(f"cohort source {cfg.source!r} needs a data folder: pass --data-root or set cohort.data_root")
 
 
-#: Memos of this process, each key -> (stamp of the data, table, manifest): sources read, keyed by
-#: (source, options, data root), and cohorts built, keyed by (cohort config, data root).
-_READ: OrderedDict[tuple[str, ...], tuple[tuple, pd.DataFrame, Manifest]] = OrderedDict()
-_BUILT: OrderedDict[tuple[str, ...], tuple[tuple, pd.DataFrame, Manifest]] = OrderedDict()
+#: Memos of this process, each key -> (stamp of the data, table, manifest, metadata files read): sources read,
+#: keyed by (source, options, data root), and cohorts built, keyed by (cohort config, data root).
+_READ: OrderedDict[tuple[str, ...], tuple[tuple, pd.DataFrame, Manifest, tuple[str, ...]]] = OrderedDict()
+_BUILT: OrderedDict[tuple[str, ...], tuple[tuple, pd.DataFrame, Manifest, tuple[str, ...]]] = OrderedDict()
 _MEMO_MAX = 32
 
 
@@ -116,7 +116,7 @@ def _recall(memo: OrderedDict, key: tuple[str, ...], cfg: CohortConfig, root: Pa
 
 def _remember(memo: OrderedDict, key: tuple[str, ...], cfg: CohortConfig, root: Path, df: pd.DataFrame,
               manifest: Manifest) -> tuple[pd.DataFrame, Manifest]:
-    files = tuple(getattr(manifest, "input_files", ()))  # the metadata files read, wherever below the root
+    files = tuple(manifest.input_files)  # the metadata files read, wherever below the root
     memo[key] = (data_stamp(cfg, root, df["path"], files), df.copy(), _copy_manifest(manifest), files)
     while len(memo) > _MEMO_MAX:
         memo.popitem(last=False)
@@ -125,13 +125,11 @@ def _remember(memo: OrderedDict, key: tuple[str, ...], cfg: CohortConfig, root: 
 
 def _copy_manifest(m: Manifest) -> Manifest:
     """A copy whose lists, mappings and records are new objects (far faster than deepcopy for 1000s of skips)."""
-    out = dataclasses.replace(
+    return dataclasses.replace(
         m, inputs=[dict(d) for d in m.inputs], flow=[copy.copy(s) for s in m.flow],
         skipped=[copy.copy(s) for s in m.skipped], mappings={k: dict(v) for k, v in m.mappings.items()},
-        warnings=list(m.warnings), counts=copy.deepcopy(m.counts), unlisted_skips=dict(m.unlisted_skips))
-    if hasattr(m, "input_files"):
-        out.input_files = list(m.input_files)
-    return out
+        warnings=list(m.warnings), counts=copy.deepcopy(m.counts), unlisted_skips=dict(m.unlisted_skips),
+        input_files=list(m.input_files))
 
 
 def _read_source(cfg: CohortConfig, root: Path) -> tuple[pd.DataFrame, Manifest]:

@@ -54,6 +54,9 @@ class Manifest:
     counts: dict[str, Any] = field(default_factory=dict)
     #: Skips counted but not listed one by one (reason -> count), beyond ``skip_many``'s limit.
     unlisted_skips: dict[str, int] = field(default_factory=dict)
+    #: The full paths of the inputs, in memory only: manifest.json and reports name the file, not the machine's
+    #: folders (the cohort memo watches these files).
+    input_files: list[str] = field(default_factory=list, repr=False)
 
     # -- recording -----------------------------------------------------------------------------
     def add_input(self, path: str | os.PathLike[str], *, hash_contents: bool = True) -> None:
@@ -63,8 +66,7 @@ class Manifest:
         if hash_contents:
             entry["sha256"] = sha256_file(p)
         self.inputs.append(entry)
-        # the full path, kept in memory only (reports and manifest.json name the file, not the machine's folders)
-        self.__dict__.setdefault("input_files", []).append(str(p.resolve()))
+        self.input_files.append(str(p.resolve()))
 
     def step(self, name: str, before: pd.DataFrame, after: pd.DataFrame, detail: str = "",
              patient_col: str = "patient_id") -> pd.DataFrame:
@@ -95,6 +97,7 @@ class Manifest:
     # -- output --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["input_files"]
         d["skipped_by_reason"] = self.skip_counts()
         return d
 
