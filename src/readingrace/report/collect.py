@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from readingrace.cohort.manifest import sha256_file
 from readingrace.errors import ConfigError, RunError
 from readingrace.experiments.rundir import write_atomic
 from readingrace.report.markdown import fmt_ci, md_table
@@ -589,21 +590,11 @@ def staging(out: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _ours(path: Path, rel: str, recorded: set[str]) -> bool:
     """Did readingrace write ``path`` (as it is now)? A file a record lists (``recorded``: its SHA-256s there):
     only if its content is unchanged; a report no record lists: only if it carries the generator mark."""
     if recorded:
-        return _sha256(path) in recorded
+        return sha256_file(path) in recorded
     return rel in REPORT_FILES and _report_mark(path, old_title=False)
 
 
@@ -675,7 +666,7 @@ def install(stage: Path, out: Path, *, what: str) -> list[Path]:
     moved = []
     for p, rel in zip(files, rels):
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        written[rel] = _sha256(p)
+        written[rel] = sha256_file(p)
         os.replace(p, out / rel)
         moved.append(out / rel)
     owners = record.get("by_file") if isinstance(record.get("by_file"), dict) else {}
@@ -684,7 +675,7 @@ def install(stage: Path, out: Path, *, what: str) -> list[Path]:
     stale = {rel for rel in set(written) - set(rels) if owners.get(rel, record.get("by")) == what}
     for rel in sorted(stale):
         old = out / rel
-        if old.is_file() and _sha256(old) == written[rel]:  # exactly as readingrace wrote it: stale, removed
+        if old.is_file() and sha256_file(old) == written[rel]:  # exactly as readingrace wrote it: stale, removed
             old.unlink()
         del written[rel]  # changed since (or gone): no longer ours, left as it is
         owners.pop(rel, None)
