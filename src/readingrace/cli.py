@@ -287,14 +287,14 @@ def _use_run_preprocessing(cfg, model: str | None) -> None:
     whatever the --cohort config says; the change is said."""
     from readingrace.probe import run_folder_of
 
-    run_dir = run_folder_of(model) if model else None
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
+    run_dir = run_folder_of(model) if model else None  # a run folder always has its config.yaml
+    if run_dir is None:
         return
     image = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("image") or {}
-    changed = [f"{k} {image[k]} (the --cohort config: {getattr(cfg.image, k)})" for k in ("size", "mode", "bit_depth")
-               if k in image and image[k] != getattr(cfg.image, k)]
+    changed = []
     for k in ("size", "mode", "bit_depth"):
-        if k in image:
+        if k in image and image[k] != getattr(cfg.image, k):
+            changed.append(f"{k} {image[k]} (the --cohort config: {getattr(cfg.image, k)})")
             setattr(cfg.image, k, image[k])
     if changed:
         _say("images prepared as the feature model's run was trained: " + ", ".join(changed))

@@ -472,8 +472,9 @@ UNKNOWN_PATIENTS_FLAG = ("the probe cannot know which patients the feature model
 def run_folder_of(model: str | Path) -> Path | None:
     """The readingrace run folder a checkpoint belongs to, or None.
 
-    The nearest of the checkpoint's ``RUN_SEARCH_DEPTH`` parent folders whose ``cohort.csv`` has
-    ``patient_id`` and ``split`` columns (a ``readingrace run`` / ``disease`` folder).
+    The nearest of the checkpoint's ``RUN_SEARCH_DEPTH`` parent folders holding readingrace's ``config.yaml``
+    (with its fingerprint) and a ``cohort.csv`` with ``patient_id`` and ``split`` columns (a ``readingrace
+    run`` / ``disease`` folder); a user's own split file beside a model does not count.
     """
     from readingrace.features import CHECKPOINT_SUFFIXES
 
